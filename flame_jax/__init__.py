@@ -1,0 +1,15 @@
+"""Pure-functional FLAME head model in JAX.
+
+    import flame_jax
+    model = flame_jax.synthetic()                 # built-in default, no download
+    params = flame_jax.FlameParams.zeros(batch_size=8, model=model)
+    out = flame_jax.forward(model, params)        # out.vertices (8, 5023, 3) metres
+"""
+
+from flame_jax.model import FlameModel, FlameOutput, FlameParams
+from flame_jax.flame import forward
+from flame_jax.io import FlameFileError, load, save
+from flame_jax.synthetic import synthetic
+
+__all__ = ["FlameModel", "FlameParams", "FlameOutput", "forward", "load", "save", "synthetic",
+           "FlameFileError"]

@@ -1,0 +1,70 @@
+"""FLAME forward pass: forward(model, params) -> FlameOutput. Pure, jit/vmap/grad safe."""
+
+import chex
+import jax.numpy as jnp
+
+from flame_jax.landmarks import barycentric_points, landmarks_68
+from flame_jax.lbs import blend_shapes, pose_feature, rigid_transform, skin, vertices_to_joints
+from flame_jax.model import FlameModel, FlameOutput, FlameParams
+from flame_jax.rotation import rodrigues
+
+NECK_JOINT = 1
+
+
+def pad_coefficients(coefficients, size: int, name: str):
+    """Zero-pad (B, n) coefficients to (B, size) as smplx does; more than `size` is an error."""
+    count = coefficients.shape[-1]
+    if count > size:
+        raise ValueError(f"FlameParams.{name} has {count} components but the model has {size}")
+    if count == size:
+        return coefficients
+    return jnp.pad(coefficients, ((0, 0), (0, size - count)))
+
+
+def _check_params(params: FlameParams):
+    batch_size = params.global_pose.shape[0]
+    for name, width in (("global_pose", 3), ("neck_pose", 3), ("jaw_pose", 3), ("eye_pose", 6),
+                        ("translation", 3)):
+        chex.assert_shape(getattr(params, name), (batch_size, width),
+                          custom_message=f"FlameParams.{name}")
+    chex.assert_rank([params.shape, params.expression], 2)
+    chex.assert_equal_shape_prefix([params.shape, params.expression, params.global_pose], 1)
+
+
+def forward(model: FlameModel, params: FlameParams) -> FlameOutput:
+    """Posed FLAME vertices, joints and 68 landmarks (metres) for a batch.
+
+    Semantics of the reference FLAME (smplx / FLAME_PyTorch): shape and expression blend shapes,
+    joints regressed from the shaped mesh, rotations of [global, neck, jaw, left eye, right eye],
+    pose correctives on (R - I) of the non-root joints, linear blend skinning, then translation.
+    """
+    _check_params(params)
+    dtype = model.v_template.dtype
+    shape = pad_coefficients(params.shape.astype(dtype), model.num_shape, "shape")
+    expression = pad_coefficients(params.expression.astype(dtype), model.num_expression,
+                                  "expression")
+    batch_size = shape.shape[0]
+
+    v_shaped = (model.v_template[None] + blend_shapes(shape, model.shapedirs)
+                + blend_shapes(expression, model.exprdirs))
+    rest_joints = vertices_to_joints(model.j_regressor, v_shaped)
+
+    full_pose = params.full_pose().astype(dtype).reshape(batch_size, model.num_joints, 3)
+    rotations = rodrigues(full_pose)  # (B, J, 3, 3)
+    pose_offsets = (pose_feature(rotations) @ model.posedirs).reshape(batch_size, -1, 3)
+    posed_joints, skinning = rigid_transform(rotations, rest_joints, model.parents)
+    vertices = skin(model.lbs_weights, skinning, v_shaped + pose_offsets)
+
+    translation = params.translation.astype(dtype)[:, None]
+    vertices = vertices + translation
+    joints = posed_joints + translation
+
+    neck_chain_rotation = skinning[:, NECK_JOINT, :, :3]  # root @ neck, world rotation of the neck
+    landmarks = landmarks_68(vertices, model.faces, model.static_lmk_faces, model.static_lmk_bary,
+                             model.dynamic_lmk_faces, model.dynamic_lmk_bary, neck_chain_rotation)
+    mediapipe = None
+    if model.mediapipe_lmk_faces is not None:
+        mediapipe = barycentric_points(vertices, model.faces, model.mediapipe_lmk_faces,
+                                       model.mediapipe_lmk_bary)
+    return FlameOutput(vertices=vertices, joints=joints, landmarks=landmarks,
+                       mediapipe_landmarks=mediapipe)

@@ -1,0 +1,171 @@
+"""The three pytree types of `flame_jax`: the model's assets, its parameters and its output.
+
+Every array is documented with its shape. Units are metres and radians (axis-angle).
+`FlameModel` is passed as an argument to jitted code, never captured as a constant.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jnp.ndarray
+
+NUM_JOINTS = 5  # root (global), neck, jaw, left eye, right eye
+FLAME_PARENTS = (-1, 0, 1, 1, 1)
+NUM_VERTICES = 5023
+NUM_FACES = 9976
+NUM_DYNAMIC_BINS = 79  # jaw-contour embeddings for head yaw -39..39 degrees
+NUM_CONTOUR_LANDMARKS = 17
+NUM_STATIC_LANDMARKS = 51
+
+
+@struct.dataclass
+class FlameModel:
+    """FLAME assets in the layout of the official model (smplx naming where it has one).
+
+    Required fields:
+      v_template:    (V, 3) float32, mean head in metres (V = 5023 for FLAME).
+      shapedirs:     (V, 3, n_shape) identity blend shapes.
+      exprdirs:      (V, 3, n_expression) expression blend shapes.
+      posedirs:      (P * 9, V * 3) pose-corrective blend shapes on the flattened (R - I) of the
+                     P = 4 non-root joints (smplx layout: `pose_feature @ posedirs`).
+      j_regressor:   (J, V) joint regressor, J = 5 (root, neck, jaw, left eye, right eye).
+      lbs_weights:   (V, J) skinning weights, rows sum to one.
+      faces:         (F, 3) int32 triangles (F = 9976 for FLAME).
+      static_lmk_faces:  (51,) int32 triangle index of each inner-face landmark (iBUG 18..68).
+      static_lmk_bary:   (51, 3) barycentric coordinates in those triangles.
+      dynamic_lmk_faces: (79, 17) int32 jaw-contour triangles per head-yaw bin.
+      dynamic_lmk_bary:  (79, 17, 3) barycentric coordinates per bin.
+      parents:       static tuple (J,) kinematic tree, -1 for the root.
+
+    Optional fields (None when the source has none):
+      mediapipe_lmk_faces: (M,) int32; mediapipe_lmk_bary: (M, 3); mediapipe_lmk_ids: (M,) int32
+                     MediaPipe face-mesh vertex ids of those M points.
+      albedo_mean:   (V, 3) per-vertex RGB albedo in [0, 1].
+      albedo_basis:  (V, 3, n_texture) per-vertex albedo principal components.
+      masks:         {name: (K,) int32 vertex indices}, e.g. face, left_eyeball, right_eyeball,
+                     left_ear, right_ear, nose, lips, forehead, neck, scalp, eye_region.
+    """
+
+    v_template: Array
+    shapedirs: Array
+    exprdirs: Array
+    posedirs: Array
+    j_regressor: Array
+    lbs_weights: Array
+    faces: Array
+    static_lmk_faces: Array
+    static_lmk_bary: Array
+    dynamic_lmk_faces: Array
+    dynamic_lmk_bary: Array
+    mediapipe_lmk_faces: Optional[Array] = None
+    mediapipe_lmk_bary: Optional[Array] = None
+    mediapipe_lmk_ids: Optional[Array] = None
+    albedo_mean: Optional[Array] = None
+    albedo_basis: Optional[Array] = None
+    masks: Optional[Mapping[str, Array]] = None
+    parents: tuple = struct.field(pytree_node=False, default=FLAME_PARENTS)
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.v_template.shape[0])
+
+    @property
+    def num_shape(self) -> int:
+        return int(self.shapedirs.shape[-1])
+
+    @property
+    def num_expression(self) -> int:
+        return int(self.exprdirs.shape[-1])
+
+    @property
+    def num_texture(self) -> int:
+        return 0 if self.albedo_basis is None else int(self.albedo_basis.shape[-1])
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.parents)
+
+    def vertex_mask(self, name: str) -> Array:
+        """(V,) bool membership of the named region; KeyError lists the known names."""
+        if not self.masks or name not in self.masks:
+            known = sorted(self.masks) if self.masks else []
+            raise KeyError(f"FLAME model has no vertex mask {name!r}; masks present: {known}")
+        return jnp.zeros((self.num_vertices,), bool).at[self.masks[name]].set(True)
+
+
+@struct.dataclass
+class FlameParams:
+    """FLAME parameters for a batch of B heads (axis-angle radians, metres).
+
+      shape:       (B, n_shape) identity coefficients (<= model.num_shape; fewer are zero-padded).
+      expression:  (B, n_expression) expression coefficients (likewise).
+      global_pose: (B, 3) root rotation.
+      neck_pose:   (B, 3)
+      jaw_pose:    (B, 3)
+      eye_pose:    (B, 6) left eye then right eye.
+      translation: (B, 3) added to every vertex, joint and landmark.
+    """
+
+    shape: Array
+    expression: Array
+    global_pose: Array
+    neck_pose: Array
+    jaw_pose: Array
+    eye_pose: Array
+    translation: Array
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.global_pose.shape[0])
+
+    @classmethod
+    def zeros(cls, batch_size: int, model: Optional[FlameModel] = None, *, num_shape: int = 300,
+              num_expression: int = 100, dtype=jnp.float32) -> "FlameParams":
+        """All-zero parameters (the template head); sizes from `model` when given."""
+        if model is not None:
+            num_shape, num_expression = model.num_shape, model.num_expression
+        z = lambda n: jnp.zeros((batch_size, n), dtype)  # noqa: E731
+        return cls(shape=z(num_shape), expression=z(num_expression), global_pose=z(3),
+                   neck_pose=z(3), jaw_pose=z(3), eye_pose=z(6), translation=z(3))
+
+    def full_pose(self) -> Array:
+        """(B, J * 3) axis-angle of [global, neck, jaw, left eye, right eye]."""
+        return jnp.concatenate(
+            [self.global_pose, self.neck_pose, self.jaw_pose, self.eye_pose], axis=-1)
+
+
+@struct.dataclass
+class FlameOutput:
+    """Posed FLAME surface for a batch of B heads (metres, translation included).
+
+      vertices:  (B, V, 3)
+      joints:    (B, J, 3) posed joints (root, neck, jaw, left eye, right eye).
+      landmarks: (B, 68, 3) iBUG-68 order: 17 dynamic jaw-contour points then 51 static points.
+      mediapipe_landmarks: (B, M, 3) when the model has a MediaPipe embedding, else None.
+    """
+
+    vertices: Array
+    joints: Array
+    landmarks: Array
+    mediapipe_landmarks: Optional[Array] = None
+
+
+def to_numpy(model: FlameModel) -> dict:
+    """Flat dict of numpy arrays (masks as `mask_<name>`), the layout of our `.npz` files."""
+    out = {}
+    for field in ("v_template", "shapedirs", "exprdirs", "posedirs", "j_regressor", "lbs_weights",
+                  "faces", "static_lmk_faces", "static_lmk_bary", "dynamic_lmk_faces",
+                  "dynamic_lmk_bary", "mediapipe_lmk_faces", "mediapipe_lmk_bary",
+                  "mediapipe_lmk_ids", "albedo_mean", "albedo_basis"):
+        value = getattr(model, field)
+        if value is not None:
+            out[field] = np.asarray(value)
+    for name, idx in (model.masks or {}).items():
+        out[f"mask_{name}"] = np.asarray(idx)
+    out["parents"] = np.asarray(model.parents, np.int32)
+    return out
