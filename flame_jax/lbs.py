@@ -61,11 +61,19 @@ def rigid_transform(rotations, joints, parents):
 
 
 def skin(lbs_weights, skinning, vertices):
-    """Linear blend skinning: (V, J) weights, (B, J, 3, 4) transforms, (B, V, 3) -> (B, V, 3)."""
-    batch_size, num_joints = skinning.shape[:2]
-    blended = jnp.einsum("vj,bjk->bvk", lbs_weights, skinning.reshape(batch_size, num_joints, 12))
-    # Row i of each blended [R | t] is blended[..., 4i:4i+4]. Written as strided multiply-adds:
-    # a (B, V)-batched 3x3 matmul lowers to a slow batched dot on CPU.
-    x, y, z = vertices[..., 0:1], vertices[..., 1:2], vertices[..., 2:3]
-    return (blended[..., 0:9:4] * x + blended[..., 1:10:4] * y + blended[..., 2:11:4] * z
-            + blended[..., 3:12:4])
+    """Linear blend skinning: (V, J) weights, (B, J, 3, 4) transforms, (B, V, 3) -> (B, V, 3).
+
+    x_i = sum_j w_vj (R_j x + t_j)_i, written as broadcast multiply-adds so that XLA fuses the
+    whole sum into one loop over vertices: materialising the per-vertex blended (B, V, 3, 4)
+    matrices costs several times more memory traffic than the arithmetic.
+    """
+    x, y, z = vertices[..., 0], vertices[..., 1], vertices[..., 2]
+    rows = []
+    for i in range(3):
+        row = 0.0
+        for j in range(skinning.shape[1]):
+            transform = skinning[:, j, i, :, None]  # (B, 4, 1)
+            row = row + lbs_weights[:, j] * (transform[:, 0] * x + transform[:, 1] * y
+                                             + transform[:, 2] * z + transform[:, 3])
+        rows.append(row)
+    return jnp.stack(rows, axis=-1)
