@@ -1,0 +1,1 @@
+"""Face reconstruction: camera, shading, rasterizer and renderer (more modules join here)."""
