@@ -9,9 +9,11 @@ Two passes:
      (quantised depth << face_bits | face index) with one scatter-min: the z-buffer, without
      float ties. Slots per class are static (`window_capacities`, `tile_capacity`); what does
      not fit is counted in `Fragments.overflow`, never dropped silently.
-  2. Interpolation (differentiable): the barycentrics of each pixel's winning triangle are
-     recomputed from the vertex positions, so gradients reach the vertices, and the attributes
-     are interpolated with them. Soft coverage is SoftRas-style: for the distinct visible
+  2. Interpolation (differentiable): the barycentrics of each pixel's shading triangle (the
+     visible one; outside the mesh, in the silhouette band, the nearest one) are recomputed
+     from the vertex positions, so gradients reach the vertices, and the attributes are
+     interpolated with them (one gather per pixel of a per-face [barycentric rows, corner
+     attributes] table). Soft coverage is SoftRas-style: for the distinct visible
      triangles of the pixels within L1 distance r (r = 1: the pixel and its 4 neighbours),
      prob = sigmoid(d / sigma) with d the signed distance (pixels, positive inside) from the
      pixel centre to the triangle (the minimum over its three edge lines), and
@@ -32,6 +34,7 @@ off-screen triangles are skipped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -60,7 +63,8 @@ class RasterSettings:
     soft_radius: soft coverage considers the visible triangles of the pixels within L1
       distance r; 0 keeps only the pixel's own triangle (no silhouette gradient outside).
     band_capacity: silhouette-band pixels per image that get the soft coverage (static);
-      None -> H * W // 4. Band pixels beyond it keep the hard coverage and are counted in
+      None -> min(H * W / 4, 8 (H + W)) (3,584 at 224 x 224; FLAME heads need about 1,400).
+      Band pixels beyond it keep the hard coverage and are counted in
       `Fragments.overflow`.
     """
 
@@ -159,6 +163,14 @@ def _pixel_bounds(table_vertices: Array, valid: Array, height: int, width: int):
     return first, last, jnp.where(nonempty[:, None], extent, 0), nonempty
 
 
+def _face_bits(num_faces: int) -> int:
+    """Low bits of the int32 z-buffer key that hold the face index."""
+    face_bits = max(1, num_faces.bit_length())
+    if face_bits > 24:
+        raise ValueError(f"{num_faces} faces leave too few depth bits in the int32 z-buffer key")
+    return face_bits
+
+
 def _depth_bits(face_bits: int) -> int:
     """Depth bits of the int32 key: what the face index leaves, at most 20 so that the largest
     quantised depth is exact in float32 (a rounded-up 2^k would overflow the shift)."""
@@ -166,32 +178,47 @@ def _depth_bits(face_bits: int) -> int:
 
 
 def _window_keys(table, face, ok, origin, last, size, face_bits, z_lo, z_scale, width, height):
-    """Evaluate `size` x `size` windows at `origin` (J, 2) for faces (J,): flat pixel ids, keys."""
-    offsets = jnp.arange(size * size, dtype=jnp.int32)
-    px = origin[:, 0:1] + offsets[None] % size
-    py = origin[:, 1:2] + offsets[None] // size
+    """Evaluate `size` x `size` windows at `origin` (J, 2) for faces (J,): flat pixel ids, keys.
+
+    Pixels outside the triangle keep a valid pixel id and get the key INT32_MAX (a no-op in the
+    scatter-min), so the pixel id is a cheap affine function of the slot and not a second copy
+    of the inside test.
+    """
+    dtype = table.dtype
     rows = table[face]
-    in_box = ok[:, None] & (px <= last[face, 0][:, None]) & (py <= last[face, 1][:, None])
-    dx = px.astype(table.dtype) + 0.5 - rows[:, _X0:_X0 + 1]
-    dy = py.astype(table.dtype) + 0.5 - rows[:, _Y0:_Y0 + 1]
-    l1 = rows[:, _G1X:_G1X + 1] * dx + rows[:, _G1Y:_G1Y + 1] * dy
-    l2 = rows[:, _G2X:_G2X + 1] * dx + rows[:, _G2Y:_G2Y + 1] * dy
-    inside = in_box & (l1 >= 0) & (l2 >= 0) & (l1 + l2 <= 1)
-    z = rows[:, _Z0:_Z0 + 1] + l1 * rows[:, _DZ1:_DZ1 + 1] + l2 * rows[:, _DZ2:_DZ2 + 1]
+    box = last[face] - origin
+    # Per-slot constants, materialised once: fused into the (J, size^2) loop they would be
+    # gathered again for every pixel of the window.
+    start = origin.astype(dtype) + 0.5 - rows[:, _X0:_Y0 + 1]
+    l1_0 = rows[:, _G1X] * start[:, 0] + rows[:, _G1Y] * start[:, 1]
+    l2_0 = rows[:, _G2X] * start[:, 0] + rows[:, _G2Y] * start[:, 1]
+    slots = jnp.stack([l1_0, rows[:, _G1X], rows[:, _G1Y], l2_0, rows[:, _G2X], rows[:, _G2Y],
+                       rows[:, _Z0], rows[:, _DZ1], rows[:, _DZ2]], -1)
+    box = jnp.where(ok[:, None], box, -1)
+    slots, box, origin, face = jax.lax.optimization_barrier((slots, box, origin, face))
+    offsets = jnp.arange(size * size, dtype=jnp.int32)
+    ix, iy = offsets[None] % size, offsets[None] // size
+    fx, fy = ix.astype(dtype), iy.astype(dtype)
+    column = lambda k: slots[:, k:k + 1]  # noqa: E731
+    l1 = column(0) + column(1) * fx + column(2) * fy
+    l2 = column(3) + column(4) * fx + column(5) * fy
+    z = column(6) + l1 * column(7) + l2 * column(8)
+    inside = ((ix <= box[:, 0:1]) & (iy <= box[:, 1:2]) & (l1 >= 0) & (l2 >= 0)
+              & (l1 + l2 <= 1))
     depth_max = (1 << _depth_bits(face_bits)) - 1
     quantised = jnp.clip((z_lo - z) * z_scale, 0.0, depth_max).astype(jnp.int32)
-    keys = (quantised << face_bits) | face[:, None]
-    pixel = jnp.where(inside, py * width + px, height * width)
-    return pixel.reshape(-1), keys.reshape(-1)
+    keys = jnp.where(inside, (quantised << face_bits) | face[:, None], _INT32_MAX)
+    px = jnp.minimum(origin[:, 0:1] + ix, width - 1)
+    py = jnp.minimum(origin[:, 1:2] + iy, height - 1)
+    return (py * width + px).reshape(-1), keys.reshape(-1)
 
 
-def _zbuffer_single(table: Array, corners: Array, valid: Array, settings: RasterSettings):
-    """One image: (F, 12) table, (F, 3, 2) pixel corners, (F,) valid -> (H, W) face, overflow."""
+def _zbuffer_fragments(table: Array, corners: Array, valid: Array, settings: RasterSettings):
+    """One image: (F, 12) table, (F, 3, 2) pixel corners, (F,) valid -> per class a flat pixel id
+    and key array (key INT32_MAX where nothing is drawn), and the overflow count."""
     height, width = settings.height, settings.width
     num_faces = table.shape[0]
-    face_bits = max(1, num_faces.bit_length())
-    if face_bits > 24:
-        raise ValueError(f"{num_faces} faces leave too few depth bits in the int32 z-buffer key")
+    face_bits = _face_bits(num_faces)
     first, last, extent, nonempty = _pixel_bounds(corners, valid, height, width)
     size = jnp.max(extent, axis=-1)
     z_all = table[:, _Z0:_Z0 + 1] + jnp.concatenate(
@@ -204,8 +231,7 @@ def _zbuffer_single(table: Array, corners: Array, valid: Array, settings: Raster
 
     face_ids = jnp.arange(num_faces, dtype=jnp.int32)
     capacities = settings.window_capacities or (num_faces,) * len(settings.window_sizes)
-    # One scatter-min per class into the same buffer (concatenating first copied ~6M entries).
-    zbuffer = jnp.full((height * width,), _INT32_MAX, jnp.int32)
+    fragments = []
     overflow = jnp.zeros((), jnp.int32)
     lower = 0
     for window, capacity in zip(settings.window_sizes, capacities):
@@ -216,9 +242,8 @@ def _zbuffer_single(table: Array, corners: Array, valid: Array, settings: Raster
             jnp.where(member, position, capacity)].set(face_ids, mode="drop")
         ok = jnp.arange(capacity) < total
         overflow += jnp.maximum(total - capacity, 0)
-        p, k = _window_keys(table, slot_face, ok, first[slot_face], last, window, face_bits,
-                            z_hi, z_scale, width, height)
-        zbuffer = zbuffer.at[p].min(k, mode="drop")
+        fragments.append(_window_keys(table, slot_face, ok, first[slot_face], last, window,
+                                      face_bits, z_hi, z_scale, width, height))
         lower = window
 
     tile = settings.tile_size
@@ -234,13 +259,12 @@ def _zbuffer_single(table: Array, corners: Array, valid: Array, settings: Raster
     origin = first[tile_face] + tile * jnp.stack(
         [local % tiles_x[tile_face], local // tiles_x[tile_face]], -1)
     overflow += jnp.maximum(total - settings.tile_capacity, 0)
-    p, k = _window_keys(table, tile_face.astype(jnp.int32), job < total, origin, last, tile,
-                        face_bits, z_hi, z_scale, width, height)
-    zbuffer = zbuffer.at[p].min(k, mode="drop")
-    face = jnp.where(zbuffer == _INT32_MAX, -1, zbuffer & ((1 << face_bits) - 1))
-    return face.reshape(height, width), overflow
+    fragments.append(_window_keys(table, tile_face.astype(jnp.int32), job < total, origin, last,
+                                  tile, face_bits, z_hi, z_scale, width, height))
+    return fragments, overflow
 
 
+@functools.partial(jax.jit, static_argnames="settings")
 def visibility(vertices_px: Array, faces: Array, settings: RasterSettings) -> tuple[Array, Array]:
     """Hard z-buffer (no gradient).
 
@@ -251,10 +275,20 @@ def visibility(vertices_px: Array, faces: Array, settings: RasterSettings) -> tu
       face_index (B, H, W) int32 (-1 = empty), overflow (B,) int32 (see `Fragments`).
     """
     vertices_px = jax.lax.stop_gradient(vertices_px)
+    batch = vertices_px.shape[0]
+    num_pixels = settings.height * settings.width
     table, valid = face_table(vertices_px, faces)
     corners = vertices_px[:, faces][..., :2]
-    single = lambda t, c, m: _zbuffer_single(t, c, m, settings)  # noqa: E731
-    return jax.vmap(single)(table, corners, valid)
+    face_bits = _face_bits(faces.shape[0])
+    single = lambda t, c, m: _zbuffer_fragments(t, c, m, settings)  # noqa: E731
+    fragments, overflow = jax.vmap(single)(table, corners, valid)
+    # One flat z-buffer for the whole batch (1-D scatter indices, no (image, pixel) pairs).
+    offset = (jnp.arange(batch, dtype=jnp.int32) * num_pixels)[:, None]
+    zbuffer = jnp.full((batch * num_pixels,), _INT32_MAX, jnp.int32)
+    for pixel, key in fragments:
+        zbuffer = zbuffer.at[(pixel + offset).reshape(-1)].min(key.reshape(-1), mode="drop")
+    face = jnp.where(zbuffer == _INT32_MAX, -1, zbuffer & ((1 << face_bits) - 1))
+    return face.reshape(batch, settings.height, settings.width), overflow
 
 
 def _shifts(radius: int) -> list[tuple[int, int]]:
@@ -273,6 +307,7 @@ def _barycentrics(rows: Array, x: Array, y: Array) -> Array:
     return jnp.stack([1.0 - l1 - l2, l1, l2], -1)
 
 
+@functools.partial(jax.jit, static_argnames=("radius", "band_capacity"))
 def interpolate(face_index: Array, table: Array, faces: Array, attributes: Array,
                 sigma: float | Array, radius: int,
                 band_capacity: Optional[int] = None) -> tuple[Array, Array, Array, Array]:
@@ -292,24 +327,18 @@ def interpolate(face_index: Array, table: Array, faces: Array, attributes: Array
       attributes: (B, V, A) per-vertex attributes.
       sigma: soft-coverage temperature in pixels (> 0).
       radius: neighbourhood radius (L1) for the soft-coverage candidates.
-      band_capacity: band pixels per image; None -> H * W // 4.
+      band_capacity: band pixels per image; None -> `default_band_capacity`.
     Returns:
       barycentric (B, H, W, 3), attributes (B, H, W, A), alpha (B, H, W),
       band overflow (B,) int32 (band pixels beyond the capacity; they keep the hard alpha).
     """
     batch, height, width = face_index.shape
     num_pixels = height * width
-    capacity = band_capacity or max(1, num_pixels // 4)
+    num_faces = table.shape[1]
+    capacity = band_capacity or default_band_capacity(height, width)
     flat_index = face_index.reshape(batch, num_pixels)
-    covered = flat_index >= 0
     centre_x = (jnp.arange(num_pixels) % width).astype(table.dtype) + 0.5
     centre_y = (jnp.arange(num_pixels) // width).astype(table.dtype) + 0.5
-
-    # Dense: the visible triangle of every pixel.
-    own_rows = jnp.take_along_axis(table[..., :_H0], jnp.maximum(flat_index, 0)[..., None],
-                                   axis=1)
-    bary = _barycentrics(own_rows, centre_x, centre_y)
-    shading_face = flat_index
 
     # Band pixels, compacted.
     shifts = _shifts(radius)
@@ -335,8 +364,7 @@ def interpolate(face_index: Array, table: Array, faces: Array, attributes: Array
         seen = jnp.any(candidates[..., :k] == candidates[..., k:k + 1], axis=-1)
         distinct.append((candidates[..., k] >= 0) & ~seen)
     distinct = jnp.stack(distinct, -1)
-    rows = jnp.take_along_axis(table[..., :_Z0],
-                               jnp.maximum(candidates, 0).reshape(batch, -1, 1), axis=1)
+    rows = _take_rows(table[..., :_Z0], jnp.maximum(candidates, 0).reshape(batch, -1))
     rows = rows.reshape(batch, capacity, len(shifts), _Z0)
     slot_bary = _barycentrics(rows, centre_x[safe_pixel][..., None],
                               centre_y[safe_pixel][..., None])
@@ -346,31 +374,53 @@ def interpolate(face_index: Array, table: Array, faces: Array, attributes: Array
     slot_covered = candidates[..., 0] >= 0
     nearest = jnp.argmax(jnp.where(distinct, jax.lax.stop_gradient(distance), -jnp.inf), -1)
     choice = jnp.where(slot_covered, 0, nearest)
-    chosen_bary = jnp.take_along_axis(slot_bary, choice[..., None, None], axis=-2)[..., 0, :]
     chosen_face = jnp.take_along_axis(candidates, choice[..., None], axis=-1)[..., 0]
 
     # Scatter the band back (dropped for empty slots).
     scatter = jax.vmap(lambda dense, slots, values: dense.at[slots].set(values, mode="drop"))
+    covered = (flat_index >= 0).astype(table.dtype)
     alpha = scatter(jnp.where(interior, 1.0, 0.0).astype(table.dtype), slot_pixel, slot_alpha)
-    alpha = jnp.where(band & (position >= capacity), covered.astype(table.dtype), alpha)
-    bary = scatter(bary, slot_pixel, chosen_bary)
-    shading_face = scatter(shading_face, slot_pixel, chosen_face)
-    has_face = shading_face >= 0
+    alpha = jnp.where(band & (position >= capacity), covered, alpha)
+    # The shading triangle: the visible one, or for band pixels outside the mesh the nearest.
+    shading_face = jax.lax.stop_gradient(scatter(flat_index, slot_pixel, chosen_face))
+
+    # Dense: one gather per pixel of the shading triangle's barycentric rows and its corner
+    # attributes (one (F, 6 + 3A) table: one gather and one backward scatter-add).
+    num_attributes = attributes.shape[-1]
+    corner_table = attributes[:, faces].reshape(batch, num_faces, 3 * num_attributes)
+    pixel_rows = _take_rows(jnp.concatenate([table[..., :_H0], corner_table], -1),
+                            jnp.maximum(shading_face, 0))
+    bary = _barycentrics(pixel_rows, centre_x, centre_y)
     bary = jnp.maximum(bary, 0.0)
     bary = bary / jnp.maximum(jnp.sum(bary, -1, keepdims=True), 1e-12)
-    bary = jnp.where(has_face[..., None], bary, 0.0)
-
-    num_attributes = attributes.shape[-1]
-    corner_table = attributes[:, faces].reshape(batch, faces.shape[0], 3 * num_attributes)
-    corners = jnp.take_along_axis(corner_table, jnp.maximum(shading_face, 0)[..., None], axis=1)
-    corners = corners.reshape(batch, num_pixels, 3, num_attributes)
+    bary = jnp.where((shading_face >= 0)[..., None], bary, 0.0)
+    corners = pixel_rows[..., _H0:]
     # An explicit sum: a dot_general with 400k batch dims of 3 x A matrices is slow on CPU.
-    interpolated = sum(bary[..., k, None] * corners[..., k, :] for k in range(3))
+    interpolated = sum(bary[..., k, None] * corners[..., k * num_attributes:
+                                                    (k + 1) * num_attributes]
+                       for k in range(3))
     shape = (batch, height, width)
     return (bary.reshape(*shape, 3), interpolated.reshape(*shape, num_attributes),
             alpha.reshape(shape), jnp.maximum(count - capacity, 0))
 
 
+def _take_rows(table: Array, index: Array) -> Array:
+    """table (B, F, C), index (B, N) int in [0, F) -> (B, N, C), as one flat 1-D gather (its
+    backward is one scatter-add into (B F, C))."""
+    batch, num_faces, columns = table.shape
+    flat = index + num_faces * jnp.arange(batch, dtype=index.dtype)[:, None]
+    rows = jnp.take(table.reshape(batch * num_faces, columns), flat.reshape(-1), axis=0,
+                    mode="clip")
+    return rows.reshape(*index.shape, columns)
+
+
+def default_band_capacity(height: int, width: int) -> int:
+    """Silhouette-band slots per image when `band_capacity` is None: the band of a mesh is a
+    few pixels wide along its outline, so it scales with H + W rather than with H * W."""
+    return max(1, min(height * width // 4, 8 * (height + width)))
+
+
+@functools.partial(jax.jit, static_argnames="settings")
 def rasterize(vertices_px: Array, faces: Array, attributes: Array, settings: RasterSettings,
               sigma: float | Array = 0.5) -> Fragments:
     """Rasterize B meshes sharing `faces` and interpolate per-vertex attributes.

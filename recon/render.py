@@ -8,6 +8,9 @@ module uses for the mesh.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -50,6 +53,7 @@ def composite(output: RenderOutput, background: Array) -> Array:
     return alpha * output.image + (1.0 - alpha) * background
 
 
+@functools.partial(jax.jit, static_argnames="settings")
 def render(vertices: Array, faces: Array, camera: Array, light: Array, albedo: Array, *,
            settings: rasterizer.RasterSettings, sigma: float | Array = 0.5) -> RenderOutput:
     """Render B shaded meshes with the weak-perspective camera.
