@@ -9,7 +9,7 @@ Adam 1e-3 with cosine decay, L1 on normalised coordinates.
 Measured (2-core CPU shared with other jobs): default 600 steps in 434 s, held-out mean
 per-vertex error 3.50 mm (PCA with 8 components on the same training meshes: 2.97 mm; mean
 mesh: 5.41 mm); `--set steps=3000`: 1632 s, 3.36 mm; `--set learning_rate=3e-3
---set steps=2000`: 1205 s, 3.28 mm. See docs/spectral_gcn.md.
+--set steps=2000`: 1205 s, 3.28 mm. See README.md.
 To train on registrations instead: --set data.source=folder --set data.folder=/path/to/meshes
 (FLAME-topology .obj/.ply, all with 5023 vertices; data.scale=0.001 for millimetre files).
 """

@@ -20,7 +20,7 @@ Array = jnp.ndarray
 SparseMethod = Literal["segment_sum", "bcoo"]
 
 # `benchmarks/spectral_encoder.py` times both formulations; segment_sum was the faster (or equal)
-# one on the 2-core CPU, see docs/spectral_gcn.md.
+# one on the 2-core CPU, see README.md (spectral_gcn, encoder speed).
 DEFAULT_SPARSE_METHOD: SparseMethod = "segment_sum"
 
 
