@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 from flax import struct
 
+from flame_jax.synthetic import load_topology
 from spectral_gcn import laplacian as laplacian_lib
 from spectral_gcn import sampling
 
@@ -259,12 +260,8 @@ def build_hierarchy(vertices, faces, factors: Sequence[int] = (4, 4, 4, 4), *,
 
 def flame_topology() -> Tuple[np.ndarray, np.ndarray]:
     """(v_template (5023, 3) float32 metres, faces (9976, 3) int32) of the shipped FLAME asset."""
-    asset = (pathlib.Path(__file__).resolve().parents[1] / "flame_jax" / "assets"
-             / "flame2023_open_id60.npz")
-    if not asset.is_file():
-        raise FileNotFoundError(f"FLAME topology asset {asset} is missing")
-    with np.load(asset) as data:
-        return data["v_template"].astype(np.float32), data["faces"].astype(np.int32)
+    topology = load_topology()
+    return topology["v_template"], topology["faces"]
 
 
 def flame_hierarchy(factors: Sequence[int] = (4, 4, 4, 4), *,
