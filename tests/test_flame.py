@@ -176,6 +176,21 @@ def test_forward_under_vmap_equals_batched(model):
     np.testing.assert_allclose(mapped.landmarks.reshape(6, -1, 3), batched.landmarks, atol=1e-6)
 
 
+def test_chunked_batches_equal_the_whole_batch(official_random, model):
+    params = random_params(np.random.default_rng(9), batch_size=10)
+    chunked = jax.jit(lambda m, p: flame_jax.forward(m, p, chunk_size=4))  # 3 chunks, 2 padded
+    whole = jax.jit(lambda m, p: flame_jax.forward(m, p, chunk_size=None))
+    out = chunked(model, params)
+    chex.assert_shape(out.vertices, (10, 5023, 3))
+    for field in ("vertices", "joints", "landmarks"):
+        np.testing.assert_allclose(getattr(out, field), getattr(whole(model, params), field),
+                                   atol=1e-6)
+    assert_matches_reference(official_random, params, out)
+    loss = lambda fn: lambda shape: jnp.sum(fn(model, params.replace(shape=shape)).vertices ** 2)
+    np.testing.assert_allclose(jax.grad(loss(chunked))(params.shape),
+                               jax.grad(loss(whole))(params.shape), rtol=1e-4, atol=1e-6)
+
+
 def test_zero_params_give_the_template(model):
     out = forward(model, flame_jax.FlameParams.zeros(2, model))
     np.testing.assert_allclose(out.vertices[1], model.v_template, atol=1e-7)
