@@ -57,10 +57,10 @@ import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.csgraph import dijkstra
 
+from flame_jax import io as flame_io
 from flame_jax.model import FLAME_PARENTS, NUM_FACES, NUM_JOINTS, NUM_VERTICES, FlameModel
 
 TOPOLOGY_FILE = "flame2023_open_id60.npz"
-LANDMARK_FILE = "flame_landmark_embedding_ringnet.npz"
 NUM_REAL_SHAPE = 60
 NUM_SEMANTIC_EXPRESSIONS = 20
 LEFT_EYEBALL = (3931, 4477)  # [start, stop) vertex range
@@ -69,8 +69,6 @@ NUM_HEAD_VERTICES = LEFT_EYEBALL[0]
 
 _TOPOLOGY_SHAPES = {"v_template": (NUM_VERTICES, 3), "shapedirs": (NUM_VERTICES, 3, NUM_REAL_SHAPE),
                     "faces": (NUM_FACES, 3)}
-_LANDMARK_SHAPES = {"static_lmk_faces": (51,), "static_lmk_bary": (51, 3),
-                    "dynamic_lmk_faces": (79, 17), "dynamic_lmk_bary": (79, 17, 3)}
 
 
 # ----------------------------------------------------------------------------- shipped assets
@@ -108,11 +106,8 @@ def _topology() -> Dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def _landmark_embedding() -> Dict[str, np.ndarray]:
-    raw = _read_asset(LANDMARK_FILE, _LANDMARK_SHAPES)
-    return _read_only({"static_lmk_faces": raw["static_lmk_faces"].astype(np.int32),
-                       "static_lmk_bary": raw["static_lmk_bary"].astype(np.float32),
-                       "dynamic_lmk_faces": raw["dynamic_lmk_faces"].astype(np.int32),
-                       "dynamic_lmk_bary": raw["dynamic_lmk_bary"].astype(np.float32)})
+    # The io reader validates keys, shapes and index ranges of the shipped file.
+    return _read_only(flame_io.load_landmark_embedding())
 
 
 def load_topology() -> Dict[str, np.ndarray]:
