@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-Array = jnp.ndarray
+Array = jax.Array
 
 NUM_JOINTS = 5  # root (global), neck, jaw, left eye, right eye
 FLAME_PARENTS = (-1, 0, 1, 1, 1)

@@ -15,9 +15,10 @@ Conventions (one place for the whole project):
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-Array = jnp.ndarray
+Array = jax.Array
 
 
 def _check_camera(points: Array, camera: Array) -> None:

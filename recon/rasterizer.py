@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-Array = jnp.ndarray
+Array = jax.Array
 
 _INT32_MAX = 2**31 - 1
 _AREA_EPS = 1e-10  # twice the area in pixels^2 below which a triangle is degenerate

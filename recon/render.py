@@ -17,7 +17,7 @@ from flax import struct
 from recon import camera as camera_lib
 from recon import rasterizer, shading
 
-Array = jnp.ndarray
+Array = jax.Array
 
 
 @struct.dataclass

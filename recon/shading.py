@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = jnp.ndarray
+Array = jax.Array
 
 _PI = math.pi
 SH_CONSTANTS = np.asarray([

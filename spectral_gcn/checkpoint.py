@@ -22,7 +22,7 @@ from spectral_gcn import mesh as mesh_lib
 from spectral_gcn.mesh import MeshHierarchy
 from spectral_gcn.models import CoMAConfig, Encoder
 
-Array = jnp.ndarray
+Array = jax.Array
 CHECKPOINT_FORMAT = "spectral_gcn.coma/1"
 
 

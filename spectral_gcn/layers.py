@@ -16,7 +16,7 @@ from jax.experimental import sparse as jsparse
 
 from spectral_gcn.mesh import SparseMatrix
 
-Array = jnp.ndarray
+Array = jax.Array
 SparseMethod = Literal["segment_sum", "bcoo"]
 
 # `benchmarks/spectral_encoder.py` times both formulations; segment_sum was the faster (or equal)

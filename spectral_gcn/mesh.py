@@ -12,6 +12,7 @@ import pathlib
 import tempfile
 from typing import Optional, Sequence, Tuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
@@ -21,7 +22,7 @@ from flame_jax.synthetic import load_topology
 from spectral_gcn import laplacian as laplacian_lib
 from spectral_gcn import sampling
 
-Array = jnp.ndarray
+Array = jax.Array
 
 # Bump when the construction changes so stale cache files are never reused.
 FORMAT_VERSION = 1

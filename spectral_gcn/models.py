@@ -16,12 +16,13 @@ from typing import Tuple
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from spectral_gcn import layers
 from spectral_gcn.mesh import MeshHierarchy
 
-Array = jnp.ndarray
+Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)

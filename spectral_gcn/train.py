@@ -33,7 +33,7 @@ from spectral_gcn import mesh as mesh_lib
 from spectral_gcn.mesh import MeshHierarchy
 from spectral_gcn.models import AutoEncoder, CoMAConfig
 
-Array = jnp.ndarray
+Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
