@@ -62,7 +62,7 @@ def render(vertices: Array, faces: Array, camera: Array, light: Array, albedo: A
       vertices: (B, V, 3) model-frame vertices in metres.
       faces: (F, 3) int32 triangles.
       camera: (B, 3) (scale, tx, ty), see `recon.camera`.
-      light: (B, 27) or (B, 9, 3) SH coefficients.
+      light: (B, 9, 3) SH coefficients (`recon.types.Code.sh_light`).
       albedo: (B, V, 3) per-vertex albedo (`shading.albedo_from_texture`).
       settings: static `RasterSettings` (image size, capacities).
       sigma: soft-coverage temperature in pixels.
@@ -72,7 +72,6 @@ def render(vertices: Array, faces: Array, camera: Array, light: Array, albedo: A
     if albedo.shape != vertices.shape:
         raise ValueError(f"albedo must be (B, V, 3) like vertices {vertices.shape}, "
                          f"got {albedo.shape}")
-    light = shading.light_from_code(light)
     image_size = (settings.height, settings.width)
     screen = camera_lib.project_to_pixels(vertices, camera, image_size)
     normals = shading.vertex_normals(vertices, faces)

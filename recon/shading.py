@@ -4,7 +4,8 @@ The SH basis and its constant factors are DECA's (`Renderer.add_SHlight`): on a 
 n = (x, y, z) in the model frame (+y up, +z toward the camera) the basis is
 [1, x, y, z, xy, xz, yz, x^2 - y^2, 3 z^2 - 1] times `SH_CONSTANTS`, and the shading of colour
 channel c is sum_k basis_k * light[k, c]. The 27-d light code is read as (9, 3): band-major,
-RGB-minor (DECA's `light.reshape(-1, 9, 3)`).
+RGB-minor (DECA's `light.reshape(-1, 9, 3)`); `recon.types.Code.sh_light` is the one place that
+reshape happens, and every function here takes the (B, 9, 3) form only.
 """
 
 from __future__ import annotations
@@ -31,13 +32,10 @@ SH_CONSTANTS = np.asarray([
 ], np.float32)
 
 
-def light_from_code(light: Array) -> Array:
-    """(B, 27) light code -> (B, 9, 3) SH coefficients; (B, 9, 3) passes through."""
-    if light.ndim == 3 and light.shape[1:] == (9, 3):
-        return light
-    if light.ndim == 2 and light.shape[1] == 27:
-        return light.reshape(light.shape[0], 9, 3)
-    raise ValueError(f"light must be (B, 27) or (B, 9, 3), got shape {light.shape}")
+def _check_light(light: Array) -> None:
+    if light.ndim != 3 or light.shape[1:] != (9, 3):
+        raise ValueError(f"light must be (B, 9, 3) SH coefficients (a (B, 27) code becomes that "
+                         f"through recon.types.Code.sh_light), got shape {light.shape}")
 
 
 def face_normals(vertices: Array, faces: Array) -> Array:
@@ -80,11 +78,11 @@ def sh_shading(normals: Array, light: Array) -> Array:
 
     Args:
       normals: (B, ..., 3) model-frame normals (DECA does not re-normalise interpolated ones).
-      light: (B, 9, 3) or (B, 27) SH coefficients.
+      light: (B, 9, 3) SH coefficients, band-major (`recon.types.Code.sh_light`).
     Returns:
       (B, ..., 3) shading; multiply by albedo for the shaded colour.
     """
-    light = light_from_code(light)
+    _check_light(light)
     if light.shape[0] != normals.shape[0]:
         raise ValueError(f"batch mismatch: normals {normals.shape}, light {light.shape}")
     basis = sh_basis(normals)

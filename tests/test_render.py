@@ -102,8 +102,20 @@ def test_vmap_matches_batch_and_composite(scene, render_fn):
     np.testing.assert_allclose(np.asarray(split), np.asarray(batched.image), atol=1e-5)
     background = jnp.full((2, 64, 64, 3), 0.25)
     composite = np.asarray(render.composite(batched, background))
-    empty = np.asarray(batched.alpha) == 0
+    alpha = np.asarray(batched.alpha)[..., None]
+    expected = alpha * np.asarray(batched.image) + (1 - alpha) * 0.25
+    np.testing.assert_allclose(composite, expected, atol=1e-6)
+    empty = alpha[..., 0] == 0
+    full = alpha[..., 0] == 1
+    assert empty.any() and full.any()
     np.testing.assert_allclose(composite[empty], 0.25)
+    np.testing.assert_allclose(composite[full], np.asarray(batched.image)[full], atol=1e-6)
+
+
+def test_light_must_be_sh_coefficients(scene):
+    vertices, faces, albedo, light, cams = scene
+    with pytest.raises(ValueError, match=r"light must be \(B, 9, 3\)"):
+        render.render(vertices, faces, cams, light.reshape(2, 27), albedo, settings=SETTINGS)
 
 
 def test_bad_albedo_shape_raises(scene):

@@ -31,17 +31,21 @@ def test_sh_shading_matches_numpy():
     basis = np.stack([np.ones_like(x), x, y, z, x * y, x * z, y * z, x * x - y * y,
                       3 * z * z - 1], -1) * shading.SH_CONSTANTS
     expected = np.einsum("bhwk,bkc->bhwc", basis, light.reshape(2, 9, 3))
-    got = shading.sh_shading(jnp.asarray(normals), jnp.asarray(light))
+    got = shading.sh_shading(jnp.asarray(normals), jnp.asarray(light.reshape(2, 9, 3)))
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_light_code_layout_and_errors():
-    code = jnp.arange(27.0)[None]
-    light = shading.light_from_code(code)
+    from recon import types
+    code = types.split_code(jnp.arange(float(types.CODE_SIZE))[None])
+    light = code.sh_light  # the one reshape of the 27-d light code
     assert light.shape == (1, 9, 3)
-    assert float(light[0, 1, 2]) == 5.0  # band-major, RGB-minor
-    with pytest.raises(ValueError, match="light"):
-        shading.light_from_code(jnp.zeros((1, 26)))
+    start = types.code_slices()["light"].start
+    assert float(light[0, 1, 2]) == start + 5.0  # band-major, RGB-minor
+    normals = jnp.zeros((1, 4, 3)).at[..., 2].set(1.0)
+    for bad in (jnp.zeros((1, 27)), jnp.zeros((1, 3, 9)), jnp.zeros((9, 3))):
+        with pytest.raises(ValueError, match=r"light must be \(B, 9, 3\)"):
+            shading.sh_shading(normals, bad)
 
 
 def test_vertex_normals_match_numpy_and_point_outward():
