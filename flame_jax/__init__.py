@@ -8,8 +8,9 @@
 
 from flame_jax.model import FlameModel, FlameOutput, FlameParams
 from flame_jax.flame import forward
-from flame_jax.io import FlameFileError, load, save
-from flame_jax.synthetic import synthetic
+from flame_jax.errors import FlameFileError, FlameFileNotFoundError
+from flame_jax.io import load, save
+from flame_jax.procedural import synthetic
 
 __all__ = ["FlameModel", "FlameParams", "FlameOutput", "forward", "load", "save", "synthetic",
-           "FlameFileError"]
+           "FlameFileError", "FlameFileNotFoundError"]

@@ -6,7 +6,8 @@ Every array is documented with its shape. Units are metres and radians (axis-ang
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import dataclasses
+from typing import Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -156,17 +157,58 @@ class FlameOutput:
     mediapipe_landmarks: Optional[Array] = None
 
 
+def array_fields() -> Tuple[str, ...]:
+    """Names of `FlameModel`'s array fields in declaration order (not `masks`, not `parents`),
+    read from the dataclass so that a new field needs no other list updated."""
+    return tuple(field.name for field in dataclasses.fields(FlameModel)
+                 if field.metadata.get("pytree_node", True) and field.name != "masks")
+
+
+def required_array_fields() -> Tuple[str, ...]:
+    """The array fields without a default (every model file must provide them)."""
+    return tuple(field.name for field in dataclasses.fields(FlameModel)
+                 if field.name in array_fields() and field.default is dataclasses.MISSING
+                 and field.default_factory is dataclasses.MISSING)
+
+
 def to_numpy(model: FlameModel) -> dict:
     """Flat dict of numpy arrays (masks as `mask_<name>`), the layout of our `.npz` files."""
     out = {}
-    for field in ("v_template", "shapedirs", "exprdirs", "posedirs", "j_regressor", "lbs_weights",
-                  "faces", "static_lmk_faces", "static_lmk_bary", "dynamic_lmk_faces",
-                  "dynamic_lmk_bary", "mediapipe_lmk_faces", "mediapipe_lmk_bary",
-                  "mediapipe_lmk_ids", "albedo_mean", "albedo_basis"):
-        value = getattr(model, field)
+    for name in array_fields():
+        value = getattr(model, name)
         if value is not None:
-            out[field] = np.asarray(value)
+            out[name] = np.asarray(value)
     for name, idx in (model.masks or {}).items():
         out[f"mask_{name}"] = np.asarray(idx)
     out["parents"] = np.asarray(model.parents, np.int32)
     return out
+
+
+def from_numpy(arrays: Mapping, *, dtype=jnp.float32) -> FlameModel:
+    """`FlameModel` from a dict of arrays: the inverse of `to_numpy`.
+
+    Keys: every required array field, optionally the other array fields, `parents` (default
+    FLAME's), and the masks either as a dict under `masks` or as `mask_<name>` entries.
+    Floating arrays become `dtype`, integer arrays int32. Unknown keys raise `ValueError`
+    naming them. (Values are not validated here: file readers do that, naming the file.)
+    """
+    names = array_fields()
+    unknown = [key for key in arrays if key not in names and key not in ("masks", "parents")
+               and not str(key).startswith("mask_")]
+    missing = [key for key in required_array_fields() if arrays.get(key) is None]
+    if unknown or missing:
+        raise ValueError(f"from_numpy: unknown keys {sorted(unknown)}, missing keys {missing}")
+
+    def convert(value):
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.integer):
+            return jnp.asarray(value, jnp.int32)
+        return jnp.asarray(value, dtype)
+
+    fields = {name: convert(arrays[name]) for name in names if arrays.get(name) is not None}
+    masks = dict(arrays.get("masks") or {})
+    masks.update({key[len("mask_"):]: value for key, value in arrays.items()
+                  if str(key).startswith("mask_")})
+    parents = tuple(int(p) for p in np.asarray(arrays.get("parents", FLAME_PARENTS)).ravel())
+    return FlameModel(masks={name: convert(idx) for name, idx in masks.items()} or None,
+                      parents=parents, **fields)

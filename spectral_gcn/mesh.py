@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import tempfile
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -18,7 +17,8 @@ import numpy as np
 import scipy.sparse as sp
 from flax import struct
 
-from flame_jax.synthetic import load_topology
+from flame_jax.fileio import atomic_write
+from flame_jax.shipped import load_topology
 from spectral_gcn import laplacian as laplacian_lib
 from spectral_gcn import sampling
 
@@ -136,20 +136,12 @@ def hierarchy_arrays(hierarchy: MeshHierarchy) -> dict:
 
 
 def save_hierarchy(hierarchy: MeshHierarchy, path) -> pathlib.Path:
-    """Write `hierarchy` to the `.npz` file `path` atomically (temp file + rename)."""
+    """Write `hierarchy` to the `.npz` file `path` atomically (`flame_jax.fileio.atomic_write`)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    os.close(handle)
-    try:
-        with open(tmp, "wb") as stream:
-            np.savez(stream, key=np.array(hierarchy.key), format_version=np.array(FORMAT_VERSION),
-                     **hierarchy_arrays(hierarchy))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    arrays = hierarchy_arrays(hierarchy)
+    return atomic_write(path, lambda stream: np.savez(
+        stream, key=np.array(hierarchy.key), format_version=np.array(FORMAT_VERSION), **arrays))
 
 
 def hierarchy_from_arrays(arrays, key: str, source: str = "<arrays>") -> MeshHierarchy:

@@ -1,8 +1,6 @@
 """Camera: DECA's weak-perspective projection, NDC -> pixel mapping, and that projected points
 land where the rasterizer draws them."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +8,6 @@ import pytest
 
 from recon import camera, rasterizer
 
-ASSET = (pathlib.Path(__file__).resolve().parents[1] / "flame_jax" / "assets"
-         / "flame2023_open_id60.npz")
 
 
 def test_orthographic_project_matches_deca_formula():
@@ -48,11 +44,11 @@ def test_bad_shapes_raise():
         camera.orthographic_project(jnp.zeros((5, 3)), jnp.zeros((1, 3)))
 
 
-def test_projected_points_land_on_their_rasterized_triangle():
+def test_projected_points_land_on_their_rasterized_triangle(flame_topology):
     """A point on a visible triangle, projected like a landmark, falls in a pixel that the
     rasterizer gives to that triangle, and interpolating the screen positions reproduces the
     pixel centres (the rasterizer and `project_to_pixels` share one convention)."""
-    data = np.load(ASSET)
+    data = flame_topology
     vertices = jnp.asarray(data["v_template"])[None]
     faces = jnp.asarray(data["faces"].astype(np.int32))
     size = (96, 96)

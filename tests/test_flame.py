@@ -17,7 +17,6 @@ import flame_jax
 from flame_jax.landmarks import contour_bin
 from flame_jax.rotation import rodrigues
 
-ASSETS = flame_jax.__path__[0] + "/assets/"
 NUM_SHAPE, NUM_EXPRESSION = 300, 100
 PARENTS = (-1, 0, 1, 1, 1)
 TOLERANCE_M = 1e-5
@@ -66,11 +65,10 @@ def reference_forward(official, shape, expression, full_pose, translation):
 
 
 @pytest.fixture(scope="module")
-def official_random():
+def official_random(flame_topology, landmark_embedding):
     """A FLAME model in the official layout on the real topology, with random bases."""
     rng = np.random.default_rng(7)
-    topology = np.load(ASSETS + "flame2023_open_id60.npz")
-    embedding = np.load(ASSETS + "flame_landmark_embedding_ringnet.npz")
+    topology, embedding = flame_topology, landmark_embedding
     num_vertices = topology["v_template"].shape[0]
     weights = rng.random((num_vertices, 5)) ** 4
     weights /= weights.sum(1, keepdims=True)
@@ -147,8 +145,8 @@ def test_forward_matches_numpy_reference_under_jit(official_random, model):
                              traced_once(model, random_params(np.random.default_rng(1), 4)))
 
 
-def test_synthetic_model_matches_numpy_reference():
-    synthetic = flame_jax.synthetic()
+def test_synthetic_model_matches_numpy_reference(synthetic_model):
+    synthetic = synthetic_model
     num_vertices = synthetic.num_vertices
     official = {
         "v_template": np.asarray(synthetic.v_template, np.float64),
@@ -315,7 +313,7 @@ def test_contour_lies_on_the_visible_side_of_a_turned_head(model, yaw_degrees):
     assert normal_z(mirrored).min() < -0.2
 
 
-def test_real_template_landmarks_land_on_the_face(shared_dir):
+def test_real_template_landmarks_land_on_the_face(shared_dir, synthetic_model):
     """The real FLAME 2023 Open template and the official embeddings from ../shared."""
     basis = np.load(shared_dir / "flame2023_open_derived_id60_basis.npz")
     with open(shared_dir / "flame_static_embedding.pkl", "rb") as handle:
@@ -323,7 +321,7 @@ def test_real_template_landmarks_land_on_the_face(shared_dir):
     with open(shared_dir / "FLAME_masks.pkl", "rb") as handle:
         face_vertices = set(pickle.load(handle, encoding="latin1")["face"].tolist())
     template = basis["v_template"]
-    model = flame_jax.synthetic().replace(
+    model = synthetic_model.replace(
         v_template=jnp.asarray(template),
         static_lmk_faces=jnp.asarray(static["lmk_face_idx"], jnp.int32),
         static_lmk_bary=jnp.asarray(static["lmk_b_coords"], jnp.float32))

@@ -6,117 +6,31 @@ written through a stand-in `chumpy` module that is removed again before loading.
 """
 
 import os
-import pathlib
 import pickle
-import struct
 import sys
-import types
-import weakref
 
 import cv2
 import numpy as np
 import pytest
 import scipy.sparse
+from pickle_writers import fake_chumpy, write_py2_pickle  # noqa: F401 (fake_chumpy: fixture)
 
 import flame_jax.io as fio
 from flame_jax.model import FLAME_PARENTS, to_numpy
 
-ASSETS = pathlib.Path(fio.__file__).resolve().parent / "assets"
 V, F = 5023, 9976
 
 
 # ------------------------------------------------------------------------------------------------
-# Writers for official formats
+# Official formats
 # ------------------------------------------------------------------------------------------------
 
-class Py2Pickler(pickle._Pickler):
-    """Writes what Python 2's cPickle wrote: `bytes`/`str` as py2 `str` (BINSTRING) and the old
-    module names `numpy.core.multiarray` / `scipy.sparse.csc`, so loading needs latin1."""
 
-    renames = {"numpy._core.multiarray": "numpy.core.multiarray",
-               "scipy.sparse._csc": "scipy.sparse.csc"}
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        raw = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(raw) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
-    dispatch[str] = save_py2_str
-
-    def save_global(self, obj, name=None):
-        module = getattr(obj, "__module__", None)
-        if module in self.renames:
-            self.write(pickle.GLOBAL + f"{self.renames[module]}\n{obj.__name__}\n".encode())
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
-def write_py2_pickle(obj, path, protocol=2):
-    with open(path, "wb") as handle:
-        Py2Pickler(handle, protocol=protocol).dump(obj)
-
-
-def make_fake_chumpy():
-    """Modules `chumpy`, `chumpy.ch`, `chumpy.ch_ops`, `chumpy.reordering` whose classes pickle
-    like the real ones: plain `object` subclasses (so protocol 2 emits NEWOBJ with no args, and
-    protocol 0 `copy_reg._reconstructor`) whose `__getstate__` is the instance `__dict__` minus
-    the weak-reference `_parents` / `_cache` entries (chumpy/ch.py)."""
-
-    class Ch:
-        def __init__(self, x=None, **terms):
-            self.__dict__.update(_dirty_vars=set(), _itr=None, _depends_on_deps={},
-                                 _make_dense=False, _make_sparse=False,
-                                 _parents=weakref.WeakKeyDictionary(),
-                                 _cache={"r": None, "drs": weakref.WeakKeyDictionary()})
-            if x is not None:
-                self.__dict__["x"] = np.asarray(x, np.float64)
-            self.__dict__.update(terms)
-
-        def __getstate__(self):
-            state = dict(self.__dict__)
-            del state["_parents"]
-            del state["_cache"]
-            return state
-
-    class Select(Ch):
-        pass
-
-    class dot(Ch):  # noqa: N801 (chumpy's name)
-        pass
-
-    modules = {name: types.ModuleType(name)
-               for name in ("chumpy", "chumpy.ch", "chumpy.ch_ops", "chumpy.reordering")}
-    for cls, module in ((Ch, "chumpy.ch"), (Select, "chumpy.reordering"),
-                        (dot, "chumpy.ch_ops")):
-        cls.__module__, cls.__qualname__ = module, cls.__name__
-        setattr(modules[module], cls.__name__, cls)
-    modules["chumpy"].Ch = Ch
-    return modules, Ch, Select, dot
-
-
-@pytest.fixture()
-def fake_chumpy(monkeypatch):
-    """Yields (Ch, Select, dot) while the fake modules are importable; removes them afterwards
-    (and checks no real chumpy is around either)."""
-    modules, ch, select, dot = make_fake_chumpy()
-    with monkeypatch.context() as patch:
-        for name, module in modules.items():
-            patch.setitem(sys.modules, name, module)
-        yield ch, select, dot
-    assert "chumpy" not in sys.modules and "chumpy.ch" not in sys.modules
-
-
-def official_dict(rng, *, num_components=400, shapedirs_dtype=np.float64):
-    """The keys and shapes of flame2023_Open.pkl / generic_model.pkl with random values."""
-    topo = np.load(ASSETS / "flame2023_open_id60.npz")
+def official_dict(rng, topo, *, num_components=400, shapedirs_dtype=np.float64):
+    """The keys and shapes of flame2023_Open.pkl / generic_model.pkl with random values;
+    `topo` is the `flame_topology` fixture (real template, triangles, identity 1..60)."""
     shapedirs = rng.normal(0.0, 1e-3, (V, 3, num_components))
-    shapedirs[..., :60] = topo["shapedirs"]
+    shapedirs[..., :60] = topo["shapedirs_id60"]
     weights = rng.uniform(0.0, 1.0, (V, 5))
     weights /= weights.sum(1, keepdims=True)
     regressor = scipy.sparse.random(5, V, density=0.01, random_state=1, format="csc")
@@ -160,9 +74,9 @@ def check_matches_official(model, data, *, num_shape=300, num_expression=100):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory):
+def official(tmp_path_factory, flame_topology):
     """(data dict, path) of a 2023-style plain-dict pkl written by Python 3 with protocol 5."""
-    data = official_dict(np.random.default_rng(0))
+    data = official_dict(np.random.default_rng(0), flame_topology)
     path = tmp_path_factory.mktemp("official") / "flame2023_Open.pkl"
     with open(path, "wb") as handle:
         pickle.dump(data, handle, protocol=5)
@@ -170,9 +84,10 @@ def official(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def small_official():
+def small_official(flame_topology):
     """Official layout with the fewest components the loader accepts (fast bad-input files)."""
-    return official_dict(np.random.default_rng(1), num_components=301, shapedirs_dtype=np.float32)
+    return official_dict(np.random.default_rng(1), flame_topology, num_components=301,
+                         shapedirs_dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +96,8 @@ def model_2023(official):
 
 
 @pytest.fixture(scope="module")
-def embedding():
-    return dict(np.load(ASSETS / "flame_landmark_embedding_ringnet.npz"))
+def embedding(landmark_embedding):
+    return dict(landmark_embedding)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,25 +138,6 @@ def test_chumpy_2020_pkl_without_chumpy(tmp_path, fake_chumpy, small_official):
     sys.modules.pop("chumpy.reordering")
     model = fio.load(path)
     check_matches_official(model, small_official, num_expression=1)
-
-
-def test_chumpy_state_protocol0_and_select(fake_chumpy):
-    ch, select, dot = fake_chumpy
-    base = np.arange(12.0).reshape(3, 4)
-    payload = {"a": ch(base), "s": select(a=ch(base), idxs=np.array([5, 0, 11, 2]),
-                                          preferred_shape=(2, 2)),
-               "d": dot(a=ch(base), b=ch(base.T))}
-    blobs = [pickle.dumps(payload, protocol=0), pickle.dumps(payload, protocol=2)]
-    assert b"copy_reg\n_reconstructor" in blobs[0]
-    for name in ("chumpy", "chumpy.ch", "chumpy.ch_ops", "chumpy.reordering"):
-        sys.modules.pop(name)
-    for blob in blobs:
-        out = fio.restricted_unpickle(blob, source="x.pkl")
-        np.testing.assert_array_equal(fio.chumpy_to_numpy(out["a"]), base)
-        np.testing.assert_array_equal(fio.chumpy_to_numpy(out["s"]),
-                                      base.ravel()[[5, 0, 11, 2]].reshape(2, 2))
-        with pytest.raises(fio.FlameFileError, match=r"x\.pkl.*'J'.*chumpy\.ch_ops\.dot"):
-            fio.chumpy_to_numpy(out["d"], what="key 'J'", source="x.pkl")
 
 
 def test_official_npz_layout(tmp_path, small_official):
@@ -368,9 +264,9 @@ def texel_centres(size):
 
 
 @pytest.fixture(scope="module")
-def uv_layout():
+def uv_layout(flame_topology):
     """Per-vertex UV in the texture interior; ft = faces plus 100 seam duplicates."""
-    faces = np.load(ASSETS / "flame2023_open_id60.npz")["faces"]
+    faces = flame_topology["faces"]
     vertex_uv = np.random.default_rng(3).uniform(0.1, 0.9, (V, 2))
     ft = faces.astype(np.int64).copy()
     seam_vertices = faces[:100, 0]
@@ -593,21 +489,4 @@ def test_malicious_pickles_do_not_run(tmp_path, how):
             allow_pickle=True)
     with pytest.raises(fio.FlameFileError, match=rf"flame_dynamic_embedding\.npy.*forbidden"):
         fio.load_dynamic_landmarks(npy_path)
-    with pytest.raises(fio.FlameFileError, match="forbidden"):
-        fio.restricted_unpickle(pickle.dumps([Evil(how, sentinel)], protocol=0))
     assert not sentinel.exists()
-
-
-def test_restricted_unpickle_allow_list_is_enforced():
-    blob = pickle.dumps({"a": np.arange(3)}, protocol=2)
-    np.testing.assert_array_equal(fio.restricted_unpickle(blob)["a"], np.arange(3))
-    with pytest.raises(fio.FlameFileError, match=r"now\.npy.*forbidden global.*_reconstruct"):
-        fio.restricted_unpickle(blob, allowed={}, source="now.npy")
-    with pytest.raises(fio.FlameFileError, match="forbidden global chumpy.ch.Ch"):
-        fio.restricted_unpickle(b"\x80\x02cchumpy.ch\nCh\nq\x00.", allow_chumpy=False)
-    # copy_reg._reconstructor is only honoured for the inert stand-ins.
-    crafted = b"ccopy_reg\n_reconstructor\n(c__builtin__\nset\nc__builtin__\nobject\nNtR."
-    with pytest.raises(fio.FlameFileError, match="_reconstructor"):
-        fio.restricted_unpickle(crafted)
-    with pytest.raises(fio.FlameFileError, match="encoding"):
-        fio.restricted_unpickle(b"c_codecs\nencode\n(Vabc\nVrot13\ntR.")

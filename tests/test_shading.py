@@ -1,8 +1,6 @@
 """SH lighting (DECA's basis and constants), vertex normals and albedo from the texture basis."""
 
 import math
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +8,6 @@ import pytest
 
 from recon import shading
 
-ASSET = (pathlib.Path(__file__).resolve().parents[1] / "flame_jax" / "assets"
-         / "flame2023_open_id60.npz")
 
 
 def test_sh_constants_are_decas():
@@ -48,8 +44,8 @@ def test_light_code_layout_and_errors():
             shading.sh_shading(normals, bad)
 
 
-def test_vertex_normals_match_numpy_and_point_outward():
-    data = np.load(ASSET)
+def test_vertex_normals_match_numpy_and_point_outward(flame_topology):
+    data = flame_topology
     vertices, faces = data["v_template"].astype(np.float64), data["faces"]
     tri = vertices[faces]
     face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])

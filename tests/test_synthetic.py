@@ -1,12 +1,12 @@
-"""Tests of the built-in procedural FLAME model (`flame_jax.synthetic`).
+"""Tests of the built-in procedural FLAME model (`flame_jax.synthetic`, module
+`flame_jax.procedural`).
 
-References are independent of the module: the shipped npz files read with `np.load`, a graph
+References are independent of the module: the shipped arrays (the `flame_topology` and
+`landmark_embedding` fixtures, themselves checked against `np.load` in test_fixtures.py), a graph
 Laplacian built here from the triangles, closed-form linear blend skinning in numpy, and (when
 `../shared` is present) the published FLAME vertex masks.
 """
 
-import importlib
-import pathlib
 import pickle
 
 import jax
@@ -16,10 +16,8 @@ import pytest
 import scipy.sparse as sp
 
 import flame_jax
+from flame_jax import procedural, shipped
 
-synthetic_module = importlib.import_module("flame_jax.synthetic")
-
-ASSETS = pathlib.Path(__file__).resolve().parents[1] / "flame_jax" / "assets"
 V, F = 5023, 9976
 LEFT_EYEBALL = np.arange(3931, 4477)
 RIGHT_EYEBALL = np.arange(4477, 5023)
@@ -27,8 +25,8 @@ SMALL = dict(num_shape=80, num_expression=30, num_texture=10)
 
 
 @pytest.fixture(scope="module")
-def model():
-    return flame_jax.synthetic()
+def model(synthetic_model):
+    return synthetic_model
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +45,17 @@ def arrays(model):
 
 
 @pytest.fixture(scope="module")
-def real_topology():
-    with np.load(ASSETS / "flame2023_open_id60.npz") as data:
-        return {key: data[key] for key in data.files}
+def real_topology(flame_topology):
+    return {"v_template": flame_topology["v_template"],
+            "shapedirs": flame_topology["shapedirs_id60"], "faces": flame_topology["faces"]}
 
 
 @pytest.fixture(scope="module")
-def template_landmarks(real_topology):
+def template_landmarks(real_topology, landmark_embedding):
     """(51, 3) static landmarks on the template from the shipped embedding; row i is iBUG-68
     point i + 18 (1-based), e.g. 13 nose tip, 31/37 mouth corners, 34/40 outer-lip midline."""
-    with np.load(ASSETS / "flame_landmark_embedding_ringnet.npz") as data:
-        faces, bary = data["static_lmk_faces"], data["static_lmk_bary"]
+    faces = landmark_embedding["static_lmk_faces"]
+    bary = landmark_embedding["static_lmk_bary"]
     v = real_topology["v_template"].astype(np.float64)
     return (v[real_topology["faces"][faces]] * bary[..., None]).sum(1)
 
@@ -91,18 +89,18 @@ def test_shapes_dtypes_finite(model):
     assert (model.num_shape, model.num_expression, model.num_texture) == (300, 100, 50)
 
 
-def test_real_parts_are_the_shipped_flame_arrays(model, real_topology):
+def test_real_parts_are_the_shipped_flame_arrays(model, real_topology, landmark_embedding):
     np.testing.assert_array_equal(np.asarray(model.v_template), real_topology["v_template"])
     np.testing.assert_array_equal(np.asarray(model.shapedirs)[..., :60],
                                   real_topology["shapedirs"])
     np.testing.assert_array_equal(np.asarray(model.faces), real_topology["faces"])
-    with np.load(ASSETS / "flame_landmark_embedding_ringnet.npz") as data:
-        for key in data.files:
-            np.testing.assert_array_equal(np.asarray(getattr(model, key)), data[key])
-    loaded = synthetic_module.load_topology()
+    for key, value in landmark_embedding.items():
+        np.testing.assert_array_equal(np.asarray(getattr(model, key)), value)
+    loaded = shipped.load_topology()
     np.testing.assert_array_equal(loaded["shapedirs_id60"], real_topology["shapedirs"])
     loaded["v_template"][:] = 0  # a caller's copy: must not reach the cache
-    assert np.abs(synthetic_module.load_topology()["v_template"]).max() > 0.1
+    assert np.abs(shipped.load_topology()["v_template"]).max() > 0.1
+    assert np.abs(np.asarray(flame_jax.synthetic().v_template)).max() > 0.1
 
 
 def test_dtype_sizes_and_bad_arguments():
@@ -267,7 +265,7 @@ def test_posedirs_and_albedo(arrays, template_landmarks):
 
 
 def test_deterministic_and_seeded():
-    build = synthetic_module._build.__wrapped__  # bypass the cache: really rebuild
+    build = procedural._build.__wrapped__  # bypass the cache: really rebuild
     first, again, other = build(0, **SMALL), build(0, **SMALL), build(1, **SMALL)
     for key in ("shapedirs", "exprdirs", "posedirs", "j_regressor", "lbs_weights",
                 "albedo_mean", "albedo_basis"):
@@ -284,7 +282,7 @@ def test_deterministic_and_seeded():
     assert np.abs(first["exprdirs"][..., 20:] - other["exprdirs"][..., 20:]).max() > 1e-4
     assert np.abs(first["albedo_basis"][..., 3:] - other["albedo_basis"][..., 3:]).max() > 1e-3
     # Fewer components are a prefix of more (same seed).
-    full = synthetic_module._build(0, 300, 100, 50)
+    full = procedural._build(0, 300, 100, 50)
     np.testing.assert_allclose(first["shapedirs"], full["shapedirs"][..., :80], atol=1e-9)
     np.testing.assert_array_equal(first["exprdirs"], full["exprdirs"][..., :30])
     np.testing.assert_allclose(first["albedo_basis"], full["albedo_basis"][..., :10], atol=1e-12)

@@ -40,15 +40,14 @@ Template frame (metres): +x is the subject's left, +y up, +z forward (the face l
 The jaw joint lies behind and above the chin, so a positive jaw_pose[0] (rotation about +x)
 moves the chin down and back: it opens the mouth, as in FLAME.
 
-`load_topology()` and `load_landmark_embedding()` give numpy copies of the shipped real arrays
-for other modules (import them with `from flame_jax.synthetic import ...`: the package
-attribute `flame_jax.synthetic` is this function, not the module).
+The shipped real arrays are read by `flame_jax.shipped` (`load_topology`,
+`load_landmark_embedding`). This module is `flame_jax.procedural`; the package attribute
+`flame_jax.synthetic` is its `synthetic` function.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.resources
 from typing import Dict, Sequence
 
 import jax.numpy as jnp
@@ -57,38 +56,15 @@ import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.csgraph import dijkstra
 
-from flame_jax import io as flame_io
-from flame_jax.model import FLAME_PARENTS, NUM_FACES, NUM_JOINTS, NUM_VERTICES, FlameModel
-
-TOPOLOGY_FILE = "flame2023_open_id60.npz"
-NUM_REAL_SHAPE = 60
+from flame_jax import shipped
+from flame_jax.model import NUM_JOINTS, FlameModel, from_numpy
+from flame_jax.shipped import NUM_REAL_SHAPE
 NUM_SEMANTIC_EXPRESSIONS = 20
 LEFT_EYEBALL = (3931, 4477)  # [start, stop) vertex range
 RIGHT_EYEBALL = (4477, 5023)
 NUM_HEAD_VERTICES = LEFT_EYEBALL[0]
 
-_TOPOLOGY_SHAPES = {"v_template": (NUM_VERTICES, 3), "shapedirs": (NUM_VERTICES, 3, NUM_REAL_SHAPE),
-                    "faces": (NUM_FACES, 3)}
-
-
 # ----------------------------------------------------------------------------- shipped assets
-
-def _read_asset(name: str, shapes: Dict[str, tuple]) -> Dict[str, np.ndarray]:
-    resource = importlib.resources.files("flame_jax") / "assets" / name
-    if not resource.is_file():
-        raise FileNotFoundError(f"flame_jax asset {name!r} is missing from the package "
-                                f"({resource}); reinstall flame_jax")
-    with importlib.resources.as_file(resource) as path, np.load(path) as data:
-        out = {}
-        for key, shape in shapes.items():
-            if key not in data.files:
-                raise KeyError(f"asset {name!r} lacks key {key!r} (has {sorted(data.files)})")
-            if data[key].shape != shape:
-                raise ValueError(f"asset {name!r} key {key!r} has shape {data[key].shape}, "
-                                 f"expected {shape}")
-            out[key] = data[key]
-    return out
-
 
 def _read_only(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     for value in arrays.values():
@@ -97,36 +73,9 @@ def _read_only(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=None)
-def _topology() -> Dict[str, np.ndarray]:
-    raw = _read_asset(TOPOLOGY_FILE, _TOPOLOGY_SHAPES)
-    return _read_only({"v_template": raw["v_template"].astype(np.float32),
-                       "shapedirs_id60": raw["shapedirs"].astype(np.float32),
-                       "faces": raw["faces"].astype(np.int32)})
-
-
-@functools.lru_cache(maxsize=None)
-def _landmark_embedding() -> Dict[str, np.ndarray]:
-    # The io reader validates keys, shapes and index ranges of the shipped file.
-    return _read_only(flame_io.load_landmark_embedding())
-
-
-def load_topology() -> Dict[str, np.ndarray]:
-    """Real FLAME 2023 Open arrays shipped with the package (fresh, writable numpy copies).
-
-    Returns {"v_template": (5023, 3) float32 metres, "shapedirs_id60": (5023, 3, 60) float32
-    (identity components 1..60, metres per unit coefficient), "faces": (9976, 3) int32}.
-    """
-    return {key: value.copy() for key, value in _topology().items()}
-
-
-def load_landmark_embedding() -> Dict[str, np.ndarray]:
-    """RingNet's FLAME landmark embedding shipped with the package (fresh numpy copies).
-
-    Returns {"static_lmk_faces": (51,) int32, "static_lmk_bary": (51, 3) float32,
-    "dynamic_lmk_faces": (79, 17) int32, "dynamic_lmk_bary": (79, 17, 3) float32}: iBUG-68
-    points 18..68, and the 17 jaw-contour points for head yaw bins -39..39 degrees.
-    """
-    return {key: value.copy() for key, value in _landmark_embedding().items()}
+def _shipped() -> Dict[str, np.ndarray]:
+    """The shipped real arrays (topology + landmark embedding), read once, read-only."""
+    return _read_only({**shipped.load_topology(), **shipped.load_landmark_embedding()})
 
 
 # ----------------------------------------------------------------------------- mesh helpers
@@ -538,8 +487,9 @@ def _albedo(mesh: _Mesh, anchors: Dict[str, np.ndarray], count: int,
 @functools.lru_cache(maxsize=8)
 def _build(seed: int, num_shape: int, num_expression: int, num_texture: int) -> Dict:
     """Pure numpy builder behind `synthetic`; cached, arrays read-only."""
-    topology = _topology()
-    embedding = _landmark_embedding()
+    real_arrays = _shipped()
+    topology = {key: real_arrays[key] for key in ("v_template", "shapedirs_id60", "faces")}
+    embedding = {key: real_arrays[key] for key in real_arrays if "lmk" in key}
     mesh = _Mesh(topology["v_template"], topology["faces"])
     anchors = _anchors(mesh, embedding)
     identity_rng, expression_rng, albedo_rng = [
@@ -614,22 +564,4 @@ def synthetic(seed: int = 0, *, num_shape: int = 300, num_expression: int = 100,
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"synthetic(): dtype must be a floating dtype, got {dtype!r}")
     arrays = _build(int(seed), int(num_shape), int(num_expression), int(num_texture))
-    as_float = lambda a: jnp.asarray(a, dtype)  # noqa: E731
-    as_int = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
-    return FlameModel(
-        v_template=as_float(arrays["v_template"]),
-        shapedirs=as_float(arrays["shapedirs"]),
-        exprdirs=as_float(arrays["exprdirs"]),
-        posedirs=as_float(arrays["posedirs"]),
-        j_regressor=as_float(arrays["j_regressor"]),
-        lbs_weights=as_float(arrays["lbs_weights"]),
-        faces=as_int(arrays["faces"]),
-        static_lmk_faces=as_int(arrays["static_lmk_faces"]),
-        static_lmk_bary=as_float(arrays["static_lmk_bary"]),
-        dynamic_lmk_faces=as_int(arrays["dynamic_lmk_faces"]),
-        dynamic_lmk_bary=as_float(arrays["dynamic_lmk_bary"]),
-        albedo_mean=as_float(arrays["albedo_mean"]),
-        albedo_basis=as_float(arrays["albedo_basis"]),
-        masks={name: as_int(idx) for name, idx in arrays["masks"].items()},
-        parents=FLAME_PARENTS,
-    )
+    return from_numpy(arrays, dtype=dtype)
