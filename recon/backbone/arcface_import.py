@@ -427,7 +427,9 @@ def state_dict_from_onnx(model_or_path: Any) -> Dict[str, np.ndarray]:
         if starts_stage:
             stage, block = stage + 1, 0
         if stage == 0:
-            raise graph.error("the first residual block has no downsample shortcut")
+            names = ", ".join(graph.node_name(graph.nodes[i]) for i in following) or "nothing"
+            raise graph.error(f"expected the first residual block (BatchNormalization and a "
+                              f"downsample Conv) after the stem's '{out}', found {names}")
         if stage > 4:
             raise graph.error("more than 4 downsampling stages; not an IResNet")
         out, channels, _ = _block(graph, out, channels, f"layer{stage}.{block}", state)
