@@ -1,0 +1,404 @@
+"""Readers and writers for the NoW layout (numpy only; no JAX import, so worker processes stay light).
+
+Layout (`<root>` = the NoW download):
+  <root>/imagepathsvalidation.txt, <root>/imagepathstest.txt   lines `subject/challenge/image.jpg`
+  <root>/scans/<subject>/*.obj                                 one scan per subject, millimetres
+  <root>/scans_lmks_onlypp/<subject>/*.pp                      MeshLab picked points, 7 points
+  <root>/NoW_Dataset/final_release_version/iphone_pictures/<subject>/<challenge>/<image>.jpg
+  <root>/NoW_Dataset/final_release_version/detected_face/<subject>/<challenge>/<image>.npy
+Predictions: <dir>/<subject>/<challenge>/<image>.obj|.ply and <image>.npy (7x3 or 1x7x3) or .txt.
+
+Every reader raises `NowFileError` naming the path and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io as _io
+import os
+import pathlib
+import xml.etree.ElementTree as ET
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+CHALLENGES = ("multiview_neutral", "multiview_expressions", "multiview_occlusions", "selfie")
+SPLIT_LISTS = {"val": "imagepathsvalidation.txt", "test": "imagepathstest.txt"}
+RELEASE_DIR = pathlib.Path("NoW_Dataset") / "final_release_version"
+IMAGES_DIR = RELEASE_DIR / "iphone_pictures"
+FACE_BOXES_DIR = RELEASE_DIR / "detected_face"
+FACE_BOX_KEYS = ("left", "right", "top", "bottom")
+
+
+class NowFileError(ValueError):
+    """A NoW file is missing, malformed or inconsistent; the message names the path."""
+
+
+class NowMissingError(NowFileError):
+    """Predictions are missing; `.missing` lists every missing entry (`subject/challenge/image`)."""
+
+    def __init__(self, message: str, missing: Sequence[str]):
+        super().__init__(message)
+        self.missing = list(missing)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEntry:
+    """One line of an image list: `subject/challenge/image.jpg`."""
+
+    subject: str
+    challenge: str
+    image: str  # file name with extension, e.g. IMG_0001.jpg
+
+    @property
+    def key(self) -> str:
+        return f"{self.subject}/{self.challenge}/{self.image}"
+
+    @property
+    def stem(self) -> str:
+        return os.path.splitext(self.image)[0]
+
+    def relative(self, suffix: str) -> pathlib.Path:
+        """`subject/challenge/<stem><suffix>`."""
+        return pathlib.Path(self.subject, self.challenge, self.stem + suffix)
+
+
+# ----------------------------------------------------------------------------- image lists
+
+def read_image_list(path: PathLike) -> list[ImageEntry]:
+    """Entries of `imagepaths*.txt`; blank lines skipped; the last three path parts are used."""
+    path = pathlib.Path(path)
+    text = _read_text(path)
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.replace("\\", "/").split("/")
+        if len(parts) < 3 or not all(parts[-3:]):
+            raise NowFileError(f"{path}:{number}: expected 'subject/challenge/image.jpg', "
+                               f"got {line!r}")
+        subject, challenge, image = parts[-3:]
+        if challenge not in CHALLENGES:
+            raise NowFileError(f"{path}:{number}: unknown challenge {challenge!r} (expected one "
+                               f"of {', '.join(CHALLENGES)})")
+        entries.append(ImageEntry(subject, challenge, image))
+    if not entries:
+        raise NowFileError(f"{path}: the image list is empty")
+    return entries
+
+
+def write_image_list(path: PathLike, entries: Sequence[ImageEntry]) -> None:
+    _write_text(path, "".join(entry.key + "\n" for entry in entries))
+
+
+def image_list_path(root: PathLike, split: str) -> pathlib.Path:
+    if split not in SPLIT_LISTS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_LISTS)}, got {split!r}")
+    return pathlib.Path(root) / SPLIT_LISTS[split]
+
+
+# ----------------------------------------------------------------------------- .pp landmarks
+
+def read_pp(path: PathLike) -> np.ndarray:
+    """(7, 3) float64 scan landmarks (mm) from a MeshLab picked-points file, in file order.
+
+    Parsed as XML (`<point x= y= z= .../>` elements); the official reader takes lines 9-15 of
+    the file, which are these elements in MeshLab's output. Points with active="0" count too, as
+    in the official reader.
+    """
+    path = pathlib.Path(path)
+    text = _read_text(path)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise NowFileError(f"{path}: not a MeshLab picked-points XML file ({exc})") from exc
+    points = []
+    for element in root.iter("point"):
+        try:
+            points.append([float(element.attrib[axis]) for axis in "xyz"])
+        except KeyError as exc:
+            raise NowFileError(f"{path}: <point> element without attribute {exc}") from exc
+        except ValueError as exc:
+            raise NowFileError(f"{path}: <point> coordinate is not a number ({exc})") from exc
+    if len(points) != 7:
+        raise NowFileError(f"{path}: expected 7 <point> elements, found {len(points)}")
+    points = np.asarray(points, np.float64)
+    if not np.all(np.isfinite(points)):
+        raise NowFileError(f"{path}: landmark coordinates hold NaN or infinite values")
+    return points
+
+
+def write_pp(path: PathLike, landmarks: np.ndarray, *, names: Optional[Sequence[str]] = None,
+             model_file: str = "scan.obj") -> None:
+    """Write (7, 3) landmarks as MeshLab picked points (the header MeshLab writes, 8 lines)."""
+    landmarks = np.asarray(landmarks, np.float64)
+    if landmarks.shape != (7, 3):
+        raise ValueError(f"landmarks must be (7, 3), got {landmarks.shape}")
+    names = names or [str(i) for i in range(7)]
+    lines = ['<!DOCTYPE PickedPoints>', '<PickedPoints>', ' <DocumentData>',
+             '  <DateTime time="00:00:00" date="2020-01-01"/>', '  <User name="facerecon_jax"/>',
+             f'  <DataFileName name="{model_file}"/>', '  <templateName name=""/>',
+             ' </DocumentData>']
+    lines += [f' <point x="{x:.6f}" y="{y:.6f}" z="{z:.6f}" name="{name}" active="1"/>'
+              for (x, y, z), name in zip(landmarks, names)]
+    lines.append('</PickedPoints>')
+    _write_text(path, "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- scans and meshes
+
+def read_obj(path: PathLike, *, need_faces: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """(vertices (V, 3) float64, faces (F, 3) int64 or None) from a Wavefront OBJ.
+
+    A fast line parser: `v x y z [r g b]` and `f a[/t[/n]] b c [d ...]` (polygons fanned into
+    triangles, negative indices resolved). Texture coordinates, normals and groups are ignored.
+    """
+    path = pathlib.Path(path)
+    raw = _read_bytes(path)
+    vertex_rows, face_rows = [], []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if line.startswith(b"v "):
+            vertex_rows.append(line)
+        elif need_faces and line.startswith(b"f "):
+            face_rows.append((number, line))
+    if not vertex_rows:
+        raise NowFileError(f"{path}: OBJ file holds no vertex ('v x y z') line")
+    try:
+        vertices = np.array([row.split()[1:4] for row in vertex_rows], dtype=np.float64)
+    except ValueError as exc:
+        raise NowFileError(f"{path}: malformed vertex line ({exc})") from exc
+    if vertices.ndim != 2 or vertices.shape[1] != 3:
+        raise NowFileError(f"{path}: vertex lines must have 3 coordinates")
+    if not np.all(np.isfinite(vertices)):
+        raise NowFileError(f"{path}: vertices hold NaN or infinite values")
+    if not need_faces:
+        return vertices, None
+    triangles = []
+    for number, line in face_rows:
+        try:
+            corners = [int(token.split(b"/")[0]) for token in line.split()[1:]]
+        except ValueError as exc:
+            raise NowFileError(f"{path}:{number}: malformed face line ({exc})") from exc
+        if len(corners) < 3:
+            raise NowFileError(f"{path}:{number}: a face needs at least 3 vertices")
+        corners = [c - 1 if c > 0 else len(vertices) + c for c in corners]
+        triangles.extend((corners[0], corners[k], corners[k + 1])
+                         for k in range(1, len(corners) - 1))
+    if not triangles:
+        raise NowFileError(f"{path}: OBJ file holds no face ('f a b c') line")
+    faces = np.asarray(triangles, np.int64)
+    if faces.min() < 0 or faces.max() >= len(vertices):
+        raise NowFileError(f"{path}: faces index vertices outside [1, {len(vertices)}]")
+    return vertices, faces
+
+
+def write_obj(path: PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
+    """Minimal OBJ writer (vertices %.8f: 0.01 um in metres, 1-based faces), atomic."""
+    vertices = np.asarray(vertices, np.float64)
+    faces = np.asarray(faces, np.int64)
+    buffer = _io.StringIO()
+    np.savetxt(buffer, vertices, fmt="v %.8f %.8f %.8f")
+    np.savetxt(buffer, faces + 1, fmt="f %d %d %d")
+    _write_text(path, buffer.getvalue())
+
+
+def read_mesh(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices (V, 3) float64, faces (F, 3) int64) from .obj (own parser) or .ply (trimesh)."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() == ".obj":
+        return read_obj(path)
+    if path.suffix.lower() != ".ply":
+        raise NowFileError(f"{path}: unsupported mesh format {path.suffix!r} (expected .obj or .ply)")
+    import trimesh
+
+    if not path.is_file():
+        raise NowFileError(f"{path}: file not found")
+    try:
+        mesh = trimesh.load(path, process=False, maintain_order=True, force="mesh")
+    except Exception as exc:  # trimesh raises many types for corrupt files
+        raise NowFileError(f"{path}: cannot read PLY ({type(exc).__name__}: {exc})") from exc
+    vertices = np.asarray(mesh.vertices, np.float64)
+    faces = np.asarray(mesh.faces, np.int64)
+    if len(vertices) == 0 or faces.ndim != 2 or len(faces) == 0 or faces.shape[1] != 3:
+        raise NowFileError(f"{path}: PLY holds no triangle mesh")
+    if not np.all(np.isfinite(vertices)):
+        raise NowFileError(f"{path}: vertices hold NaN or infinite values")
+    return vertices, faces
+
+
+def find_scan(root: PathLike, subject: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """(scan .obj, landmarks .pp) of a subject; exactly one of each is expected."""
+    root = pathlib.Path(root)
+    found = []
+    for folder, pattern in (("scans", "*.obj"), ("scans_lmks_onlypp", "*.pp")):
+        matches = sorted((root / folder / subject).glob(pattern))
+        if len(matches) != 1:
+            raise NowFileError(f"{root / folder / subject}: expected one {pattern} file, "
+                               f"found {len(matches)}")
+        found.append(matches[0])
+    return found[0], found[1]
+
+
+# ----------------------------------------------------------------------------- face boxes
+
+def read_face_box(path: PathLike) -> dict:
+    """{'left', 'right', 'top', 'bottom'} floats (pixels) from a detected_face .npy.
+
+    The file is a pickled dict inside a .npy; it goes through the project's restricted
+    unpickler (numpy arrays and scalars only), never `np.load(allow_pickle=True)`.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise NowFileError(f"{path}: file not found")
+    load_npy = _restricted_load_npy()
+    try:
+        data = load_npy(path)
+    except ValueError as exc:  # FlameFileError is a ValueError
+        raise NowFileError(f"{path}: cannot read the face box ({exc})") from exc
+    if not isinstance(data, dict):
+        raise NowFileError(f"{path}: expected a pickled dict with keys {FACE_BOX_KEYS}, got "
+                           f"{type(data).__name__}")
+    missing = [key for key in FACE_BOX_KEYS if key not in data]
+    if missing:
+        raise NowFileError(f"{path}: face box dict lacks keys {missing} (has {sorted(map(str, data))})")
+    try:
+        box = {key: float(np.asarray(data[key]).reshape(())) for key in FACE_BOX_KEYS}
+    except (TypeError, ValueError) as exc:
+        raise NowFileError(f"{path}: face box values must be scalars ({exc})") from exc
+    if not all(np.isfinite(list(box.values()))):
+        raise NowFileError(f"{path}: face box holds NaN or infinite values: {box}")
+    if box["right"] <= box["left"] or box["bottom"] <= box["top"]:
+        raise NowFileError(f"{path}: empty face box {box}")
+    return box
+
+
+def write_face_box(path: PathLike, box: dict) -> None:
+    """Write a detected_face .npy as the NoW release does: np.save of a dict (pickled)."""
+    array = np.empty((), dtype=object)
+    array[()] = {key: float(box[key]) for key in FACE_BOX_KEYS}
+    buffer = _io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)  # writing our own dict; reading is restricted
+    _write_bytes(path, buffer.getvalue())
+
+
+def _restricted_load_npy():
+    try:
+        from flame_jax.safe_pickle import load_npy
+    except ImportError:
+        from flame_jax.io import load_npy
+    return load_npy
+
+
+# ----------------------------------------------------------------------------- predictions
+
+def prediction_paths(folder: PathLike, entry: ImageEntry
+                     ) -> tuple[Optional[pathlib.Path], Optional[pathlib.Path]]:
+    """(mesh path or None, landmarks path or None): .obj before .ply, .npy before .txt."""
+    folder = pathlib.Path(folder)
+    found = []
+    for suffixes in ((".obj", ".ply"), (".npy", ".txt")):
+        candidates = [folder / entry.relative(suffix) for suffix in suffixes]
+        found.append(next((c for c in candidates if c.is_file()), None))
+    return found[0], found[1]
+
+
+def read_prediction_landmarks(path: PathLike) -> np.ndarray:
+    """(7, 3) float64 predicted landmarks from .npy (7x3 or 1x7x3, plain array) or .txt."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() == ".npy":
+        try:
+            with open(path, "rb") as handle:
+                landmarks = np.load(handle, allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise NowFileError(f"{path}: file not found") from exc
+        except ValueError as exc:
+            raise NowFileError(f"{path}: not a plain numeric .npy array ({exc})") from exc
+        except (OSError, EOFError) as exc:
+            raise NowFileError(f"{path}: truncated or corrupt .npy ({exc})") from exc
+    elif path.suffix.lower() == ".txt":
+        try:
+            landmarks = np.loadtxt(_io.StringIO(_read_text(path)), dtype=np.float64, ndmin=2)
+        except ValueError as exc:
+            raise NowFileError(f"{path}: landmarks text is not a 7 x 3 table of numbers ({exc})") from exc
+    else:
+        raise NowFileError(f"{path}: landmarks must be .npy or .txt")
+    try:
+        landmarks = np.asarray(landmarks, np.float64)
+    except (TypeError, ValueError) as exc:
+        raise NowFileError(f"{path}: landmarks are not numeric ({exc})") from exc
+    if landmarks.shape == (1, 7, 3):
+        landmarks = landmarks[0]
+    if landmarks.shape != (7, 3):
+        raise NowFileError(f"{path}: landmarks must be 7 x 3 (or 1 x 7 x 3), got shape "
+                           f"{landmarks.shape}")
+    if not np.all(np.isfinite(landmarks)):
+        raise NowFileError(f"{path}: landmarks hold NaN or infinite values")
+    return landmarks
+
+
+def write_prediction(folder: PathLike, entry: ImageEntry, vertices: np.ndarray, faces: np.ndarray,
+                     landmarks: np.ndarray) -> None:
+    """Write `<folder>/<subject>/<challenge>/<stem>.obj` and `.npy` (7x3 float32)."""
+    folder = pathlib.Path(folder)
+    landmarks = np.asarray(landmarks, np.float32)
+    if landmarks.shape != (7, 3):
+        raise ValueError(f"landmarks must be (7, 3), got {landmarks.shape}")
+    write_obj(folder / entry.relative(".obj"), vertices, faces)
+    buffer = _io.BytesIO()
+    np.save(buffer, landmarks, allow_pickle=False)
+    _write_bytes(folder / entry.relative(".npy"), buffer.getvalue())
+
+
+def missing_predictions(folder: PathLike, entries: Sequence[ImageEntry]) -> dict[str, str]:
+    """{entry key: what is missing} for every entry lacking a mesh or landmarks, all at once."""
+    missing = {}
+    for entry in entries:
+        mesh, landmarks = prediction_paths(folder, entry)
+        lacking = [name for name, path in (("mesh .obj/.ply", mesh),
+                                           ("landmarks .npy/.txt", landmarks)) if path is None]
+        if lacking:
+            missing[entry.key] = "no " + " and no ".join(lacking)
+    return missing
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+def _read_bytes(path: pathlib.Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise NowFileError(f"{path}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise NowFileError(f"{path}: is a directory, expected a file") from exc
+    except OSError as exc:
+        raise NowFileError(f"{path}: cannot read ({exc})") from exc
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return _read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise NowFileError(f"{path}: not UTF-8 text ({exc})") from exc
+
+
+def _write_bytes(path: PathLike, data: bytes) -> None:
+    """Atomic write: temporary file in the same folder, fsync, rename."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def _write_text(path: PathLike, text: str) -> None:
+    _write_bytes(path, text.encode("utf-8"))
