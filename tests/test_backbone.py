@@ -154,7 +154,23 @@ def test_pth_state_dict_reads_without_torch(tmp_path, state, images, reference):
     assert relative_error(_apply(module, variables, jnp.asarray(images)), reference) <= 1e-4
 
 
-def test_pth_malicious_pickle_runs_nothing(tmp_path):
+@pytest.fixture(params=["shared", "local"])
+def unpickler(request, monkeypatch):
+    """Run with flame_jax.safe_pickle and with torch_zip's own fallback unpickler."""
+    from recon.backbone import torch_zip
+
+    if request.param == "local":
+        monkeypatch.setattr(torch_zip, "_shared_unpickle", None)
+    elif torch_zip._shared_unpickle is None:
+        pytest.skip("flame_jax.safe_pickle (with persistent_load) is not in this checkout")
+    return request.param
+
+
+def test_pth_malicious_pickle_runs_nothing(tmp_path, unpickler, state):
+    path = tmp_path / "good.pth"
+    write_torch_zip(path, state)
+    loaded = backbone.load_torch_state_dict(path)
+    assert all(np.array_equal(loaded[k], v) for k, v in state.items())
     sentinel = tmp_path / "sentinel"
     path = tmp_path / "evil.pth"
     write_malicious_torch_zip(path, sentinel)
