@@ -7,7 +7,6 @@ analytic inverse of a known similarity. Tolerance for embeddings: max |ours - re
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp

@@ -42,12 +42,6 @@ class _Storage:
         self.array = array
 
 
-def _bfloat16():
-    import ml_dtypes  # ships with jax
-
-    return ml_dtypes.bfloat16
-
-
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
@@ -90,6 +84,9 @@ def _allowed_globals() -> Dict[tuple, Any]:
     }
     for name, dtype in _STORAGE_DTYPES.items():
         allowed[("torch", name)] = _StorageType(name, dtype)
+    import ml_dtypes  # ships with jax; numpy has no bfloat16
+
+    allowed[("torch", "BFloat16Storage")] = _StorageType("BFloat16Storage", ml_dtypes.bfloat16)
     return allowed
 
 
