@@ -260,6 +260,11 @@ def to_code(variables: FitVariables, camera0: Array) -> Code:
                 camera=jnp.concatenate([scale, translation], -1), light=light)
 
 
+@jax.jit
+def _flame_landmarks(model: flame_jax.FlameModel, params: flame_jax.FlameParams) -> Array:
+    return flame_jax.forward(model, params).landmarks
+
+
 def initial_camera(model: flame_jax.FlameModel, code: Code, landmarks_px: np.ndarray,
                    weights: np.ndarray) -> np.ndarray:
     """(B, 3) weak-perspective camera aligning `code`'s landmarks to the targets (no rotation).
@@ -267,7 +272,7 @@ def initial_camera(model: flame_jax.FlameModel, code: Code, landmarks_px: np.nda
     Least squares over the 51 inner points: s X + s t = target_ndc (y flipped), linear in
     (s, s tx, s ty).
     """
-    points = np.asarray(flame_jax.forward(model, code.flame_params()).landmarks)[:, _INNER]
+    points = np.asarray(_flame_landmarks(model, code.flame_params()))[:, _INNER]
     target = np.asarray(camera_lib.pixels_to_ndc(jnp.asarray(landmarks_px),
                                                  (CROP_SIZE, CROP_SIZE)))[:, _INNER]
     cameras = []
@@ -406,6 +411,10 @@ def fit(assets: FitAssets, target: FitTarget, init: Code,
       `FitResult`.
     """
     variables = variables_from_code(init, options)
+    # The step does not depend on the step counts: leave them out of its static key so that
+    # schedules of different lengths share one compiled step.
+    step_options = dataclasses.replace(options, rigid_steps=0, landmark_steps=0,
+                                       appearance_steps=0, photometric_steps=0)
     initial = np.asarray(landmark_error_px(_landmarks_2d(variables, assets, target),
                                            target.landmarks))
     history = {}
@@ -415,7 +424,7 @@ def fit(assets: FitAssets, target: FitTarget, init: Code,
         losses = []
         for step in range(steps):
             variables, opt_state, loss, metrics = fit_step(
-                variables, opt_state, assets, target, options=options, stage=stage)
+                variables, opt_state, assets, target, options=step_options, stage=stage)
             losses.append(loss)
             if progress is not None and (step % 20 == 0 or step == steps - 1):
                 progress(stage, step, {k: float(v) for k, v in metrics.items()})
