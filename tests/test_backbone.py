@@ -57,6 +57,12 @@ def imported(state):
     return variables_from_state_dict(state)
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """A (1, 1, 1, 1) width-4 IResNet with random weights, for the (compile-heavy) train tests."""
+    return variables_from_state_dict(random_state_dict((1, 1, 1, 1), 4, 8, seed=5))
+
+
 # ------------------------------------------------------------------------------- ONNX import
 
 
@@ -219,17 +225,22 @@ def test_presets_and_input_check():
                        jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
 
 
-def test_train_mode_keeps_frozen_batch_stats(imported, images):
-    module, variables = imported
+def test_train_mode_keeps_frozen_batch_stats(tiny, images):
+    module, variables = tiny
     x = jnp.asarray(images)
-    eval_out = module.apply(variables, x)
-    out, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def train_apply(module, variables, x):
+        return module.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    eval_out = _apply(module, variables, x)
+    out, updates = train_apply(module, variables, x)
     np.testing.assert_array_equal(out, eval_out)  # default: eval-mode BatchNorm everywhere
     jax.tree_util.tree_map(np.testing.assert_array_equal, updates["batch_stats"],
                            variables["batch_stats"])
 
     partial = module.clone(batch_norm_train_parts=("stage4", "output"))
-    _, updates = partial.apply(variables, x, train=True, mutable=["batch_stats"])
+    _, updates = train_apply(partial, variables, x)
     for part, stats in updates["batch_stats"].items():
         changed = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
             lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), stats,
@@ -237,8 +248,8 @@ def test_train_mode_keeps_frozen_batch_stats(imported, images):
         assert all(changed) if part in ("stage4", "output") else not any(changed), part
 
 
-def test_labels_and_one_optimizer_step(imported, images):
-    module, variables = imported
+def test_labels_and_one_optimizer_step(tiny, images):
+    module, variables = tiny
     params = variables["params"]
     labels = backbone.backbone_trainable_labels(params)
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): label
