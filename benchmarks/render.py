@@ -5,7 +5,8 @@
 
 Beside the windowed rasterizer it measures, in the same run, a naive dense JAX rasterizer
 (every pixel against every triangle, scanned over triangle chunks) that feeds the same
-differentiable interpolation and shading, and prints the ratio. One JSON line per variant.
+differentiable interpolation and shading, and prints the ratio. Output (benchmarks/timing.py):
+an environment JSON line, one JSON line per variant, then a markdown table.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
 
 import flame_jax
 from recon import camera as camera_lib
@@ -120,16 +120,6 @@ def make_losses(settings, sigma=0.5):
     return fast, naive
 
 
-def time_step(step, args, repeats):
-    jax.block_until_ready(step(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), float(np.min(times))
-
-
 def write_preview(path: str, size: int = 224):
     """Two heads (texture samples) x [albedo, three lights]; PNG via OpenCV."""
     import cv2
@@ -177,18 +167,21 @@ def main():
     inputs = (vertices, model.faces, cam, light, albedo, target)
     grad_args = (0, 2, 3, 4)  # vertices, camera, light, albedo
 
-    info = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
-            "cpu_count": os.cpu_count(), "jax": jax.__version__, "machine": platform.machine(),
-            "batch": args.batch, "size": args.size, "faces": int(model.faces.shape[0])}
+    timing.print_environment(batch=args.batch, size=args.size, faces=int(model.faces.shape[0]))
+    ms = lambda seconds: f"{seconds * 1e3:,.0f}"  # noqa: E731
+    report = timing.Report(
+        f"render: L1 photometric loss, batch {args.batch}, {args.size} x {args.size}",
+        [("variant", "variant", "{}"), ("median_s", "median ms", ms), ("min_s", "best ms", ms),
+         ("overflow", "band overflow", "{}"), ("face_index_agreement", "face agreement", "{:.4f}"),
+         ("ratio_naive_over_windowed", "naive / windowed", "{:.1f}x")])
     step = jax.jit(jax.value_and_grad(fast, argnums=grad_args, has_aux=True))
     (_, overflow), _ = step(*inputs)
-    median, best = time_step(step, inputs, args.repeats)
-    result = dict(info, variant="windowed", median_s=median, min_s=best,
-                  overflow=int(np.sum(np.asarray(overflow))))
-    print(json.dumps(result), flush=True)
+    windowed = timing.measure(step, *inputs, repeats=args.repeats)
+    report.row(variant="windowed forward+backward", **windowed.as_dict(),
+               overflow=int(np.sum(np.asarray(overflow))))
     forward = jax.jit(fast)
-    f_median, _ = time_step(forward, inputs, args.repeats)
-    print(json.dumps(dict(info, variant="windowed forward only", median_s=f_median)), flush=True)
+    report.row(variant="windowed forward only",
+               **timing.measure(forward, *inputs, repeats=args.repeats).as_dict())
 
     if not args.no_naive:
         naive_step = jax.jit(jax.value_and_grad(naive, argnums=grad_args, has_aux=True))
@@ -198,10 +191,11 @@ def main():
         covered = (np.asarray(dense_faces) >= 0) | (np.asarray(faces_fast) >= 0)
         agreement = float(np.mean(np.asarray(dense_faces)[covered] ==
                                   np.asarray(faces_fast)[covered]))
-        n_median, n_best = time_step(naive_step, inputs, args.naive_repeats)
-        print(json.dumps(dict(info, variant="naive dense", median_s=n_median, min_s=n_best,
-                              face_index_agreement=agreement,
-                              ratio_naive_over_windowed=n_median / median)), flush=True)
+        dense = timing.measure(naive_step, *inputs, repeats=args.naive_repeats, warmup=0)
+        report.row(variant="naive dense forward+backward", **dense.as_dict(),
+                   face_index_agreement=agreement,
+                   ratio_naive_over_windowed=dense.median_s / windowed.median_s)
+    report.print_markdown()
 
 
 if __name__ == "__main__":

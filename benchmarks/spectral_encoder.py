@@ -7,16 +7,17 @@ the input vertices) at one batch size, on the FLAME hierarchy (5023 -> 1256 -> 3
 for the two sparse formulations of L~ x (segment_sum, BCOO) and for the same model with dense
 (N, N) Laplacians and dense (N', N) down-sampling matrices. All variants run in the same process,
 interleaved, with the same parameters; their outputs are checked to agree first. Reports the
-median wall time of each and ratios against the dense reference, plus analytic FLOP counts.
+median and best wall time of each and ratios (of medians) against the dense reference, plus
+analytic FLOP counts. Output (benchmarks/timing.py): an environment JSON line, a JSON line per
+variant, then a markdown table.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import timing
 
 import spectral_gcn
 
@@ -60,12 +61,6 @@ def flop_counts(hierarchy, config):
     return sparse + fc, dense + fc
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -105,25 +100,34 @@ def main():
         jax.block_until_ready(backward(variables, ops, vertices))  # compile before timing
         functions[name] = (forward, backward, ops)
 
-    results = {name: {"forward": [], "forward+backward": []} for name in functions}
-    for _ in range(args.repeats):  # interleave variants so load changes hit them alike
-        for name, (forward, backward, ops) in functions.items():
-            results[name]["forward"].append(timed(forward, variables, ops, vertices))
-            results[name]["forward+backward"].append(timed(backward, variables, ops, vertices))
+    # Interleave the variants so load changes hit them alike (compiled above: no warm-up).
+    results = timing.measure_interleaved(
+        {f"{name} {kind}": (function, (variables, ops, vertices))
+         for name, (forward, backward, ops) in functions.items()
+         for kind, function in (("forward", forward), ("forward+backward", backward))},
+        repeats=args.repeats, warmup=0)
 
     sparse_flops, dense_flops = flop_counts(hierarchy, base)
-    print(f"devices: {jax.devices()}; batch {args.batch}; median of {args.repeats} runs")
-    print(f"analytic forward FLOP per mesh: sparse {sparse_flops / 1e6:.1f} M, "
-          f"dense {dense_flops / 1e6:.0f} M (ratio {dense_flops / sparse_flops:.0f}x)")
-    print("| variant | forward (ms) | fwd+bwd (ms) | forward speed-up vs dense "
-          "| fwd+bwd speed-up vs dense |")
-    print("|---|---|---|---|---|")
-    dense = {k: statistics.median(v) for k, v in results["dense"].items()}
-    for name, timings in results.items():
-        median = {k: statistics.median(v) for k, v in timings.items()}
-        print(f"| {name} | {1e3 * median['forward']:.0f} | {1e3 * median['forward+backward']:.0f}"
-              f" | {dense['forward'] / median['forward']:.1f}x"
-              f" | {dense['forward+backward'] / median['forward+backward']:.1f}x |")
+    timing.print_environment(batch=args.batch, repeats=args.repeats,
+                             sparse_forward_flop_per_mesh=sparse_flops,
+                             dense_forward_flop_per_mesh=dense_flops)
+    ms = lambda seconds: f"{seconds * 1e3:.0f}"  # noqa: E731
+    report = timing.Report(
+        f"CoMA encoder, batch {args.batch} (forward FLOP per mesh: sparse "
+        f"{sparse_flops / 1e6:.1f} M, dense {dense_flops / 1e6:.0f} M)",
+        [("variant", "variant", "{}"), ("forward_median_s", "forward ms", ms),
+         ("backward_median_s", "fwd+bwd ms", ms),
+         ("forward_speedup", "forward speed-up vs dense", "{:.1f}x"),
+         ("backward_speedup", "fwd+bwd speed-up vs dense", "{:.1f}x")])
+    dense_forward = results["dense forward"].median_s
+    dense_backward = results["dense forward+backward"].median_s
+    for name in functions:
+        forward, backward = results[f"{name} forward"], results[f"{name} forward+backward"]
+        report.row(variant=name, forward_median_s=forward.median_s, forward_min_s=forward.min_s,
+                   backward_median_s=backward.median_s, backward_min_s=backward.min_s,
+                   forward_speedup=dense_forward / forward.median_s,
+                   backward_speedup=dense_backward / backward.median_s)
+    report.print_markdown()
 
 
 if __name__ == "__main__":

@@ -59,14 +59,15 @@ def forward(model: FlameModel, params: FlameParams, *,
 
 
 def _forward_batch(model: FlameModel, params: FlameParams) -> FlameOutput:
-    dtype = model.v_template.dtype
+    dtype = model.blend_basis.dtype
     shape = pad_coefficients(params.shape.astype(dtype), model.num_shape, "shape")
     expression = pad_coefficients(params.expression.astype(dtype), model.num_expression,
                                   "expression")
     batch_size = shape.shape[0]
 
-    v_shaped = (model.v_template[None] + blend_shapes(shape, model.shapedirs)
-                + blend_shapes(expression, model.exprdirs))
+    # The template is row 0 of the basis: coefficient 1 folds it into the same product.
+    coefficients = jnp.concatenate([jnp.ones((batch_size, 1), dtype), shape, expression], axis=1)
+    v_shaped = blend_shapes(coefficients, model.blend_basis)
     rest_joints = vertices_to_joints(model.j_regressor, v_shaped)
 
     full_pose = params.full_pose().astype(dtype).reshape(batch_size, model.num_joints, 3)

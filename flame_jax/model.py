@@ -25,14 +25,23 @@ NUM_CONTOUR_LANDMARKS = 17
 NUM_STATIC_LANDMARKS = 51
 
 
-@struct.dataclass
+BLEND_FIELDS = ("v_template", "shapedirs", "exprdirs")  # stored together as `blend_basis`
+
+
+@struct.dataclass(kw_only=True)
 class FlameModel:
     """FLAME assets in the layout of the official model (smplx naming where it has one).
 
-    Required fields:
-      v_template:    (V, 3) float32, mean head in metres (V = 5023 for FLAME).
-      shapedirs:     (V, 3, n_shape) identity blend shapes.
-      exprdirs:      (V, 3, n_expression) expression blend shapes.
+    Build it with `FlameModel.create(v_template=..., shapedirs=..., exprdirs=..., ...)` (or
+    `flame_jax.load` / `flame_jax.synthetic`); the three blend arrays are stored as one basis.
+
+    Stored fields:
+      blend_basis:   (1 + n_shape + n_expression, V * 3): row 0 the mean head (metres), then the
+                     identity, then the expression blend shapes, each flattened vertex-major
+                     (column 3 v + c). One contiguous matrix makes the whole blend a single
+                     (B, 1 + n) @ (1 + n, V * 3) product with the template folded in (coefficient
+                     1); this row layout is what the CPU GEMM reads fastest (benchmarks/).
+      num_shape:     static int n_shape (rows 1..n_shape of blend_basis).
       posedirs:      (P * 9, V * 3) pose-corrective blend shapes on the flattened (R - I) of the
                      P = 4 non-root joints (smplx layout: `pose_feature @ posedirs`).
       j_regressor:   (J, V) joint regressor, J = 5 (root, neck, jaw, left eye, right eye).
@@ -44,6 +53,11 @@ class FlameModel:
       dynamic_lmk_bary:  (79, 17, 3) barycentric coordinates per bin.
       parents:       static tuple (J,) kinematic tree, -1 for the root.
 
+    Views of blend_basis in the official layout (properties; `replace` accepts them too):
+      v_template:    (V, 3) mean head in metres (V = 5023 for FLAME).
+      shapedirs:     (V, 3, n_shape) identity blend shapes.
+      exprdirs:      (V, 3, n_expression) expression blend shapes.
+
     Optional fields (None when the source has none):
       mediapipe_lmk_faces: (M,) int32; mediapipe_lmk_bary: (M, 3); mediapipe_lmk_ids: (M,) int32
                      MediaPipe face-mesh vertex ids of those M points.
@@ -53,9 +67,8 @@ class FlameModel:
                      left_ear, right_ear, nose, lips, forehead, neck, scalp, eye_region.
     """
 
-    v_template: Array
-    shapedirs: Array
-    exprdirs: Array
+    blend_basis: Array
+    num_shape: int = struct.field(pytree_node=False)
     posedirs: Array
     j_regressor: Array
     lbs_weights: Array
@@ -72,17 +85,45 @@ class FlameModel:
     masks: Optional[Mapping[str, Array]] = None
     parents: tuple = struct.field(pytree_node=False, default=FLAME_PARENTS)
 
-    @property
-    def num_vertices(self) -> int:
-        return int(self.v_template.shape[0])
+    @classmethod
+    def create(cls, *, v_template, shapedirs, exprdirs, **fields) -> "FlameModel":
+        """From the official per-vertex layout: v_template (V, 3), shapedirs (V, 3, n_shape),
+        exprdirs (V, 3, n_expression), and the other fields by name."""
+        return cls(blend_basis=blend_basis(v_template, shapedirs, exprdirs),
+                   num_shape=int(shapedirs.shape[-1]), **fields)
+
+    def _replace(self, **updates) -> "FlameModel":
+        """`dataclasses.replace`, also accepting v_template / shapedirs / exprdirs."""
+        blend = {key: updates.pop(key) for key in BLEND_FIELDS if key in updates}
+        if blend:
+            arrays = {key: blend.get(key, getattr(self, key)) for key in BLEND_FIELDS}
+            updates["blend_basis"] = blend_basis(**arrays)
+            updates["num_shape"] = int(arrays["shapedirs"].shape[-1])
+        return dataclasses.replace(self, **updates)
 
     @property
-    def num_shape(self) -> int:
-        return int(self.shapedirs.shape[-1])
+    def v_template(self) -> Array:
+        return self.blend_basis[0].reshape(-1, 3)
+
+    @property
+    def shapedirs(self) -> Array:
+        return self._directions(1, 1 + self.num_shape)
+
+    @property
+    def exprdirs(self) -> Array:
+        return self._directions(1 + self.num_shape, self.blend_basis.shape[0])
+
+    def _directions(self, start: int, stop: int) -> Array:
+        rows = self.blend_basis[start:stop]  # (n, V * 3)
+        return jnp.moveaxis(rows.reshape(stop - start, -1, 3), 0, -1)
+
+    @property
+    def num_vertices(self) -> int:
+        return int(self.blend_basis.shape[1]) // 3
 
     @property
     def num_expression(self) -> int:
-        return int(self.exprdirs.shape[-1])
+        return int(self.blend_basis.shape[0]) - 1 - self.num_shape
 
     @property
     def num_texture(self) -> int:
@@ -98,6 +139,27 @@ class FlameModel:
             known = sorted(self.masks) if self.masks else []
             raise KeyError(f"FLAME model has no vertex mask {name!r}; masks present: {known}")
         return jnp.zeros((self.num_vertices,), bool).at[self.masks[name]].set(True)
+
+
+# flax's decorator installs its own `replace` (plain dataclasses.replace) on the class; ours
+# must come after it so that `.replace(v_template=...)` keeps working for callers.
+FlameModel.replace = FlameModel._replace
+
+
+def blend_basis(v_template, shapedirs, exprdirs) -> Array:
+    """(V, 3), (V, 3, n_shape), (V, 3, n_expression) -> (1 + n_shape + n_expression, V * 3)."""
+    num_vertices = v_template.shape[0]
+    if (v_template.shape != (num_vertices, 3) or shapedirs.ndim != 3
+            or shapedirs.shape[:2] != (num_vertices, 3) or exprdirs.ndim != 3
+            or exprdirs.shape[:2] != (num_vertices, 3)):
+        raise ValueError(f"blend shapes must be v_template (V, 3), shapedirs (V, 3, n), exprdirs "
+                         f"(V, 3, m); got {v_template.shape}, {shapedirs.shape}, "
+                         f"{exprdirs.shape}")
+    rows = lambda directions: jnp.moveaxis(jnp.asarray(directions), -1, 0).reshape(  # noqa: E731
+        directions.shape[-1], num_vertices * 3)
+    dtype = jnp.result_type(v_template, shapedirs, exprdirs)
+    return jnp.concatenate([jnp.asarray(v_template).reshape(1, -1), rows(shapedirs),
+                            rows(exprdirs)], axis=0).astype(dtype)
 
 
 @struct.dataclass
@@ -157,18 +219,28 @@ class FlameOutput:
     mediapipe_landmarks: Optional[Array] = None
 
 
+def _array_fields(required: Optional[bool]) -> Tuple[str, ...]:
+    names = []
+    for field in dataclasses.fields(FlameModel):
+        if not field.metadata.get("pytree_node", True) or field.name == "masks":
+            continue  # static fields (num_shape, parents) and the masks dict
+        is_required = (field.default is dataclasses.MISSING
+                       and field.default_factory is dataclasses.MISSING)
+        if required is None or required == is_required:
+            names.extend(BLEND_FIELDS if field.name == "blend_basis" else (field.name,))
+    return tuple(names)
+
+
 def array_fields() -> Tuple[str, ...]:
-    """Names of `FlameModel`'s array fields in declaration order (not `masks`, not `parents`),
-    read from the dataclass so that a new field needs no other list updated."""
-    return tuple(field.name for field in dataclasses.fields(FlameModel)
-                 if field.metadata.get("pytree_node", True) and field.name != "masks")
+    """Names of the model's arrays in files and in `FlameModel.create`, in declaration order
+    (`blend_basis` as its three views v_template, shapedirs, exprdirs; not masks, not
+    parents), read from the dataclass so that a new field needs no other list updated."""
+    return _array_fields(None)
 
 
 def required_array_fields() -> Tuple[str, ...]:
     """The array fields without a default (every model file must provide them)."""
-    return tuple(field.name for field in dataclasses.fields(FlameModel)
-                 if field.name in array_fields() and field.default is dataclasses.MISSING
-                 and field.default_factory is dataclasses.MISSING)
+    return _array_fields(True)
 
 
 def to_numpy(model: FlameModel) -> dict:
@@ -210,5 +282,5 @@ def from_numpy(arrays: Mapping, *, dtype=jnp.float32) -> FlameModel:
     masks.update({key[len("mask_"):]: value for key, value in arrays.items()
                   if str(key).startswith("mask_")})
     parents = tuple(int(p) for p in np.asarray(arrays.get("parents", FLAME_PARENTS)).ravel())
-    return FlameModel(masks={name: convert(idx) for name, idx in masks.items()} or None,
-                      parents=parents, **fields)
+    return FlameModel.create(masks={name: convert(idx) for name, idx in masks.items()} or None,
+                             parents=parents, **fields)

@@ -20,7 +20,7 @@ def shade_mesh(vertices, faces, *, size=256, colors=None, light_direction=(0.3, 
     normals = np.cross(triangles[:, 1] - triangles[:, 0], triangles[:, 2] - triangles[:, 0])
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
     light = np.asarray(light_direction, np.float64)
-    light /= np.linalg.norm(light)
+    light = light / np.linalg.norm(light)  # not in place: the caller's array stays as it was
     brightness = 0.15 + 0.85 * np.clip(normals @ light, 0.0, 1.0)
     base = np.full((len(faces), 3), 0.82) if colors is None else np.asarray(colors)[faces].mean(1)
     face_rgb = np.clip(base * brightness[:, None], 0, 1)

@@ -88,7 +88,7 @@ def official_random(flame_topology, landmark_embedding):
 
 def to_model(official):
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    return flame_jax.FlameModel(
+    return flame_jax.FlameModel.create(
         v_template=f32(official["v_template"]),
         shapedirs=f32(official["shapedirs"][..., :NUM_SHAPE]),
         exprdirs=f32(official["shapedirs"][..., NUM_SHAPE:]),

@@ -1,8 +1,6 @@
 """Rasterizer against an independent numpy reference (every pixel against every triangle with a
 z-test), occlusion, soft coverage limits, overflow accounting, robustness, gradients, jit/vmap."""
 
-import pathlib
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,8 +9,6 @@ import pytest
 
 from recon import camera, rasterizer
 
-ASSET = (pathlib.Path(__file__).resolve().parents[1] / "flame_jax" / "assets"
-         / "flame2023_open_id60.npz")
 SIZE = 80
 
 
@@ -47,8 +43,8 @@ def rotation(yaw: float, pitch: float) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def flame():
-    data = np.load(ASSET)
+def flame(flame_topology):
+    data = flame_topology
     return data["v_template"].astype(np.float32), data["faces"].astype(np.int32)
 
 

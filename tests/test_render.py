@@ -1,8 +1,6 @@
 """render(): shaded image against a numpy recomputation from the face-index map, gradients
 with respect to light and camera against finite differences, jit/vmap."""
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +8,12 @@ import pytest
 
 from recon import camera, rasterizer, render, shading
 
-ASSET = (pathlib.Path(__file__).resolve().parents[1] / "flame_jax" / "assets"
-         / "flame2023_open_id60.npz")
 SETTINGS = rasterizer.RasterSettings(height=64, width=64)
 
 
 @pytest.fixture(scope="module")
-def scene():
-    data = np.load(ASSET)
+def scene(flame_topology):
+    data = flame_topology
     vertices = np.stack([data["v_template"], data["v_template"] * 0.95]).astype(np.float32)
     faces = data["faces"].astype(np.int32)
     rng = np.random.default_rng(0)
