@@ -8,10 +8,11 @@
 Freezing (the paper's and MICA's): only the backbone's last stage, its output BN/FC/feature BN
 and the mapping head train. It is done by the optimizer: `trainable_labels` names every
 parameter "trainable" or "frozen" by its path and `make_optimizer` gives the frozen ones
-`optax.set_to_zero()`. The backbone always runs with its running BatchNorm statistics
-(`train=False` inside), so the `batch_stats` collection is never mutated: frozen statistics
-never update (the three trainable blocks keep ArcFace's statistics as well; a batch of 8
-subjects x 2 images is too small for batch statistics anyway).
+`optax.set_to_zero()` (arcface_torch's fixed feature-BN scale stays frozen too, see
+`recon.backbone.backbone_trainable_labels`). BatchNorm statistics are the backbone's business:
+`IResNet` normalises with its running averages even when `train=True` unless a part is listed in
+its `batch_norm_train_parts` (default none), so frozen statistics never update; list only
+trainable parts there (e.g. ("stage4", "output")) to let those use batch statistics.
 
 The head starts at a sensible code: its output layer has a small random kernel and its bias is
 `initial_code_offset()`: zero for shape/pose/expression/texture, the camera of a FLAME face
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from recon import backbone as backbone_lib
 from recon import shading
 from recon.types import CODE_SIZE, Code, code_slices, split_code
 
@@ -141,14 +143,12 @@ class Regressor(nn.Module):
     def __call__(self, backbone_images: Array, train: bool = False) -> Array:
         """(B, 112, 112, 3) ArcFace-normalised images -> (B, 486) code vector.
 
-        `train` is accepted so every model is called alike; this model computes the same in
-        both modes: the head has no dropout or BatchNorm and the backbone always uses its
-        running BatchNorm statistics (see the module docstring), so nothing is mutated.
+        train: passed to the backbone (BatchNorm mode, see the module docstring); the head has
+        no dropout or BatchNorm.
         """
-        del train  # deliberate: see the docstring
         if backbone_images.ndim != 4 or backbone_images.shape[-1] != 3:
             raise ValueError(f"backbone_images must be (B, H, W, 3), got {backbone_images.shape}")
-        features = self.backbone(backbone_images, train=False)
+        features = self.backbone(backbone_images, train=train)
         if self.normalize_features:
             squared = jnp.sum(features * features, axis=-1, keepdims=True)
             features = features * jax.lax.rsqrt(jnp.maximum(squared, 1e-24))
@@ -164,54 +164,28 @@ def predict_code(model: Regressor, variables: dict, backbone_images: Array) -> C
     return split_code(model.apply(variables, backbone_images))
 
 
-def _default_trainable_prefixes() -> tuple:
-    from recon import backbone as backbone_lib  # the BACKBONE stream's module
-    return tuple(backbone_lib.TRAINABLE_PREFIXES)
-
-
-def trainable_labels(params: dict, *, trainable_prefixes: Optional[Sequence[str]] = None) -> Any:
+def trainable_labels(params: dict, *,
+                     trainable_prefixes: Sequence[str] = backbone_lib.TRAINABLE_PREFIXES) -> Any:
     """Same-structure tree of "trainable" / "frozen" labels for the Regressor's `params`.
 
-    params: the "params" collection ({"backbone": {...}, "head": {...}}); a full variables dict
-      ({"params": ...}) is accepted too and labelled inside "params".
-    trainable_prefixes: top-level backbone submodule names (prefix match: "stage4" matches
-      "stage4" and "stage4_block0") that train; default `recon.backbone.TRAINABLE_PREFIXES`
-      (last stage and the output BN/FC/feature BN). The head always trains.
-    Raises ValueError when the tree has no "backbone"/"head" or no backbone name matches.
+    params: the "params" collection ({"backbone": {...}, "head": {...}}).
+    trainable_prefixes: top-level IResNet parts that train (default
+      `recon.backbone.TRAINABLE_PREFIXES`: the last stage and the output BN/FC/feature BN, minus
+      arcface_torch's fixed feature-BN scale). The head always trains.
+    Raises ValueError when the tree is not a Regressor's or a prefix names no IResNet part.
     """
-    if "params" in params and BACKBONE_NAME not in params:
-        return {**{key: jax.tree.map(lambda _: "frozen", value)
-                   for key, value in params.items() if key != "params"},
-                "params": trainable_labels(params["params"],
-                                           trainable_prefixes=trainable_prefixes)}
-    if BACKBONE_NAME not in params or HEAD_NAME not in params:
-        raise ValueError(f"Regressor params must hold {BACKBONE_NAME!r} and {HEAD_NAME!r}, "
-                         f"got top-level keys {sorted(params)}")
-    prefixes = tuple(trainable_prefixes if trainable_prefixes is not None
-                     else _default_trainable_prefixes())
-    backbone_names = list(params[BACKBONE_NAME])
-    if not any(name.startswith(prefix) for name in backbone_names for prefix in prefixes):
-        raise ValueError(f"no backbone submodule matches the trainable prefixes {prefixes}; "
-                         f"backbone submodules: {backbone_names}")
-    labels = {}
-    for key, value in params.items():
-        if key == BACKBONE_NAME:
-            labels[key] = {
-                name: jax.tree.map(
-                    lambda _, train=any(name.startswith(p) for p in prefixes):
-                    "trainable" if train else "frozen", sub)
-                for name, sub in value.items()}
-        elif key == HEAD_NAME:
-            labels[key] = jax.tree.map(lambda _: "trainable", value)
-        else:
-            raise ValueError(f"unexpected top-level parameter {key!r} in the Regressor params")
-    return labels
+    if set(params) != {BACKBONE_NAME, HEAD_NAME}:
+        raise ValueError(f"Regressor params must hold exactly {BACKBONE_NAME!r} and "
+                         f"{HEAD_NAME!r}, got top-level keys {sorted(params)}")
+    return {BACKBONE_NAME: backbone_lib.backbone_trainable_labels(params[BACKBONE_NAME],
+                                                                  tuple(trainable_prefixes)),
+            HEAD_NAME: jax.tree.map(lambda _: "trainable", params[HEAD_NAME])}
 
 
 def make_optimizer(params: dict, *, learning_rate: optax.ScalarOrSchedule, weight_decay: float,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    max_grad_norm: Optional[float] = None,
-                   trainable_prefixes: Optional[Sequence[str]] = None
+                   trainable_prefixes: Sequence[str] = backbone_lib.TRAINABLE_PREFIXES
                    ) -> optax.GradientTransformation:
     """AdamW on the trainable parameters, `optax.set_to_zero()` on the frozen ones.
 
