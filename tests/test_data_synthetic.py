@@ -1,0 +1,182 @@
+"""Synthetic 2D-3D pairs (`recon.data.synthetic`): fields, determinism, held-out split,
+landmarks against the rendered face and a numpy projection, occluders outside the skin mask.
+
+One render compilation (224 x 224, K = 2) is shared by the whole module: every call below uses
+K = 2, and configs differ only in data, never in the static render settings.
+"""
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+
+from recon.backbone.preprocess import backbone_input_from_crop
+from recon.data import augment, pipeline, synthetic
+
+SEED = 5
+SUBJECT = 7
+
+
+@pytest.fixture(scope="module")
+def model(synthetic_model):
+    return synthetic_model
+
+
+@pytest.fixture(scope="module")
+def host(model):
+    return synthetic.HostModel.from_model(model)
+
+
+@pytest.fixture(scope="module")
+def subject(model, host):
+    return synthetic.make_subject(model, synthetic.SyntheticConfig(), SUBJECT, range(2), SEED,
+                                  host)
+
+
+def _plain_config(**changes):
+    """No perspective, no crop jitter, no occluders, no degradations (same render settings)."""
+    base = dict(perspective_probability=0.0, box_scale_jitter=0.0, box_shift_jitter=0.0,
+                augment=augment.AugmentConfig.clean())
+    base.update(changes)
+    return synthetic.SyntheticConfig(**base)
+
+
+def test_fields_shapes_dtypes_and_ranges(subject, model):
+    pipeline.check_example(subject, leading=1)
+    k = 2
+    assert subject["images"].shape == (k, 224, 224, 3)
+    assert subject["backbone_images"].shape == (k, 112, 112, 3)
+    assert subject["skin_masks"].shape == (k, 224, 224)
+    assert subject["vertices"].shape == subject["posed_vertices"].shape == (k, 5023, 3)
+    assert 0.0 <= subject["images"].min() and subject["images"].max() <= 1.0
+    assert subject["images"].std() > 0.05  # not a blank image
+    assert -1.0 <= subject["backbone_images"].min() and subject["backbone_images"].max() <= 1.0
+    np.testing.assert_allclose(subject["backbone_images"],
+                               backbone_input_from_crop(subject["images"], max_value=1.0),
+                               atol=1e-6)
+    assert set(np.unique(subject["skin_masks"])) <= {0.0, 1.0}
+    assert 0.02 < subject["skin_masks"].mean() < 0.8
+    assert set(np.unique(subject["landmark_weights"])) <= {0.0, 1.0}
+    np.testing.assert_array_equal(subject["has_3d"], 1.0)
+    np.testing.assert_array_equal(subject["subject_ids"], SUBJECT)
+    # Metres: a head is ~0.2-0.35 m across, not mm or cm.
+    extent = subject["vertices"][0].max(0) - subject["vertices"][0].min(0)
+    assert np.all((extent > 0.15) & (extent < 0.4)), extent
+
+
+def test_neutral_mesh_is_the_identity_with_zero_pose_and_expression(subject, model, host):
+    # Same identity in both images: identical neutral meshes, different posed ones.
+    np.testing.assert_array_equal(subject["vertices"][0], subject["vertices"][1])
+    assert np.abs(subject["posed_vertices"][0] - subject["posed_vertices"][1]).max() > 1e-3
+    # Independent numpy reference: with zero pose FLAME is template + shapedirs @ shape.
+    scenes = synthetic.sample_scenes(host, synthetic.SyntheticConfig(), SUBJECT, [0], SEED)
+    reference = (np.asarray(model.v_template, np.float64)
+                 + np.asarray(model.shapedirs, np.float64) @ scenes.shape[0].astype(np.float64))
+    np.testing.assert_allclose(subject["vertices"][0], reference, atol=2e-6)
+
+
+def test_deterministic_by_seed_subject_and_image(model, host, subject):
+    config = synthetic.SyntheticConfig()
+    again = synthetic.make_subject(model, config, SUBJECT, range(2), SEED, host)
+    for name in subject:
+        np.testing.assert_array_equal(again[name], subject[name], err_msg=name)
+    # An image depends only on (seed, subject, image index), not on its batch companions.
+    swapped = synthetic.make_subject(model, config, SUBJECT, [1, 0], SEED, host)
+    for name in subject:
+        np.testing.assert_array_equal(swapped[name][0], subject[name][1], err_msg=name)
+    other_seed = synthetic.make_subject(model, config, SUBJECT, range(2), SEED + 1, host)
+    assert np.abs(other_seed["vertices"] - subject["vertices"]).max() > 1e-3
+    assert np.abs(other_seed["images"] - subject["images"]).mean() > 0.02
+
+
+def test_heldout_subjects_never_seen_in_training(host):
+    ranges = [synthetic.TRAIN_SUBJECTS, synthetic.HELDOUT_SUBJECTS,
+              synthetic.NOW_SYNTHETIC_SUBJECTS]
+    for i, a in enumerate(ranges):
+        for b in ranges[i + 1:]:
+            assert a.stop <= b.start or b.stop <= a.start, (a, b)
+    source = synthetic.SyntheticSource.__new__(synthetic.SyntheticSource)
+    source.subjects = synthetic.HELDOUT_SUBJECTS
+    assert all(source.subjects[i] not in synthetic.TRAIN_SUBJECTS for i in (0, len(source.subjects) - 1))
+    # Identities differ between the splits (and between subjects).
+    config = synthetic.SyntheticConfig()
+    train = np.stack([synthetic.sample_scenes(host, config, s, [0], 0).shape[0]
+                      for s in synthetic.TRAIN_SUBJECTS[:20]])
+    held = np.stack([synthetic.sample_scenes(host, config, s, [0], 0).shape[0]
+                     for s in synthetic.HELDOUT_SUBJECTS[:20]])
+    distances = np.linalg.norm(train[:, None] - held[None], axis=-1)
+    assert distances.min() > 1.0  # shape vectors of std 1 in 300-d: typical distance ~24
+
+
+def test_landmarks_lie_on_the_rendered_face_and_match_numpy_projection(model, host):
+    config = _plain_config()
+    rendered = synthetic.render_subject(model, config, 11, range(2), SEED, host)
+    for k in range(2):
+        landmarks = rendered["landmarks"][k]
+        rows = np.clip(np.floor(landmarks[:, 1]).astype(int), 0, 223)
+        cols = np.clip(np.floor(landmarks[:, 0]).astype(int), 0, 223)
+        covered = rendered["alpha"][k][rows, cols] > 0.5
+        assert covered.mean() >= 0.9, covered.mean()
+        inner = rendered["face_region"][k][rows[17:], cols[17:]] > 0  # 51 inner points
+        assert inner.mean() >= 0.8, inner.mean()
+    # Numpy reference of the camera convention (recon.camera) on FLAME's 3D landmarks.
+    landmarks_3d = rendered["landmarks_3d"].astype(np.float64)  # FLAME's (tested in flame_jax)
+    camera = rendered["camera"].astype(np.float64)
+    u = (camera[:, None, 0] * (landmarks_3d[..., 0] + camera[:, None, 1]) + 1) * 112
+    v = (-camera[:, None, 0] * (landmarks_3d[..., 1] + camera[:, None, 2]) + 1) * 112
+    np.testing.assert_allclose(rendered["landmarks"], np.stack([u, v], -1), atol=2e-3)
+    # The crop: without jitter the landmark box is centred and has side 224 / box_scale.
+    low, high = rendered["landmarks"].min(1), rendered["landmarks"].max(1)
+    np.testing.assert_allclose((low + high) / 2, 112.0, atol=1e-2)
+    np.testing.assert_allclose((high - low).mean(-1), 224 / config.box_scale, rtol=1e-4)
+
+
+def test_skin_mask_excludes_occluders(model, host):
+    config = _plain_config(augment=dataclasses.replace(augment.AugmentConfig.clean(),
+                                                       occluder_probability=1.0))
+    rendered = synthetic.render_subject(model, config, 3, range(2), SEED, host)
+    overlapped = 0
+    for k in range(2):
+        example, layers = synthetic.compose_example(
+            {name: value[k] for name, value in rendered.items()}, config, seed=SEED,
+            subject_index=3, image_index=k)
+        occluded = layers.occluder_alpha > 0
+        assert occluded.any()
+        assert np.all(example["skin_masks"][occluded] == 0)
+        face = rendered["face_region"][k] > 0
+        np.testing.assert_array_equal(example["skin_masks"][face & ~occluded], 1.0)
+        assert np.all(example["skin_masks"][~face] == 0)
+        overlapped += int((face & occluded).sum() > 50)
+        # Where the occluder is opaque the image shows the occluder, not the face.
+        opaque = layers.occluder_alpha > 0.99
+        assert opaque.any()
+    assert overlapped >= 1  # the occluders really cover face pixels
+
+
+def test_source_pickles_for_worker_processes(model, subject):
+    source = synthetic.SyntheticSource(model, synthetic.SyntheticConfig(),
+                                       subjects=range(SUBJECT, SUBJECT + 3),
+                                       images_per_subject=2, seed=SEED)
+    clone = pickle.loads(pickle.dumps(source))
+    assert len(clone) == 3
+    record = clone[0]
+    for name in subject:
+        np.testing.assert_array_equal(record[name], subject[name], err_msg=name)
+    with pytest.raises(ValueError, match="images_per_subject"):
+        synthetic.SyntheticSource(model, images_per_subject=0)
+
+
+def test_augment_functions_are_deterministic_and_in_range():
+    rng = lambda: np.random.default_rng(3)  # noqa: E731
+    for make in (lambda r: augment.background(r, (64, 48)),
+                 lambda r: augment.degrade(r, np.full((64, 48, 3), 0.5, np.float32)),
+                 lambda r: augment.occluders(r, (64, 48), np.asarray([10, 10, 40, 50]),
+                                             augment.AugmentConfig(occluder_probability=1.0))[1]):
+        a, b = make(rng()), make(rng())
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == np.float32 and a.min() >= 0 and a.max() <= 1
+    image = augment.background(np.random.default_rng(0), (32, 32))
+    decoded = augment.jpeg(image, 95)
+    assert decoded.shape == image.shape and np.abs(decoded - image).mean() < 0.08
+    assert np.abs(augment.jpeg(image, 10) - image).mean() > np.abs(decoded - image).mean()
