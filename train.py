@@ -1,77 +1,92 @@
-"""Training CLI: loads a Python config file and dispatches on `config.task`.
+"""Training CLI: a config file (`ml_collections.config_flags`) dispatched on `config.task`.
 
-    python train.py --config configs/coma.py[:smoke] [--workdir runs/coma] [--set steps=100]
+    python train.py --config configs/coma.py:smoke --config.steps=100 --workdir runs/x
+    python train.py --config configs/default.py
 
-The config file defines `get_config(arg)`; the text after ':' is passed as `arg`. Each
-`--set key=value` overrides one (dotted) config entry; the value is parsed as a Python literal
-when it is one, else kept as a string. `--workdir` defaults to runs/<config name>[_<arg>].
+`--config path.py[:arg]` calls `get_config(arg)` of that file; `--config.key=value` overrides
+one (dotted) entry with the type the config declares (the config is locked: an unknown key
+fails, naming it); `--helpfull` lists every flag. `--workdir` defaults to
+`runs/<config name>[_<arg>]`; running the same command again resumes from the workdir's latest
+checkpoint. The work itself is a library `train_and_evaluate(config, workdir)` per task.
 """
 
-import argparse
-import ast
-import importlib.util
+import importlib
+import json
 import pathlib
 import sys
 
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-def load_config(spec: str):
-    """ConfigDict from 'path/to/config.py[:arg]'."""
-    path, _, arg = spec.partition(":")
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    module_spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path} defines no get_config(arg)")
-    return module.get_config(arg)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file path.py[:arg] defining get_config(arg).", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output folder (checkpoints, metrics.jsonl, evaluation.json); default "
+    "runs/<config name>[_<arg>]. An existing one with checkpoints is resumed.")
+flags.mark_flags_as_required(["config"])
+# orbax logs every checkpoint step at INFO; show warnings and errors unless --verbosity=0 is given.
+flags.FLAGS.set_default("verbosity", logging.WARNING)
+
+# config.task -> the module whose train_and_evaluate(config, workdir) runs it (imported lazily,
+# so that one task's dependencies are not needed to run another).
+TASKS = {
+    "coma": "recon.coma_trainer",
+    "regressor": "recon.trainer",
+}
 
 
-def apply_override(config, assignment: str) -> None:
-    """Set one dotted entry from 'key.sub=value'; KeyError names an unknown key."""
-    key, sep, text = assignment.partition("=")
-    if not sep:
-        raise ValueError(f"--set expects key=value, got {assignment!r}")
+def default_workdir(config_spec: str) -> pathlib.Path:
+    """runs/<config file stem>[_<arg>] for 'path/to/name.py[:arg]'."""
+    path, _, arg = config_spec.partition(":")
+    return pathlib.Path("runs") / (pathlib.Path(path).stem + (f"_{arg}" if arg else ""))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; overrides are "
+                             f"--config.key=value")
+    config = _CONFIG.value
+    if config.task not in TASKS:
+        raise app.UsageError(f"unknown config.task {config.task!r}; known tasks: "
+                             f"{sorted(TASKS)}")
+    workdir = pathlib.Path(_WORKDIR.value or
+                           default_workdir(flags.FLAGS["config"].config_filename))
+    trainer = importlib.import_module(TASKS[config.task])
+    result = trainer.train_and_evaluate(config, workdir)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _config_keys(argv) -> list:
+    """Dotted keys of the config named by --config in argv ([] if it cannot be read)."""
+    spec = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+    if spec is None and "--config" in argv[:-1]:
+        spec = argv[argv.index("--config") + 1]
     try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    if leaf not in node:
-        raise KeyError(f"config has no entry {key!r}")
-    node[leaf] = value
+        config = config_flags.config_flags.ConfigFileFlagParser("config").parse(spec)
+        keys, stack = [], [("", config.to_dict())]
+        while stack:
+            prefix, node = stack.pop()
+            for name, value in node.items():
+                if isinstance(value, dict):
+                    stack.append((f"{prefix}{name}.", value))
+                else:
+                    keys.append(prefix + name)
+        return sorted(keys)
+    except Exception:  # only used to improve an error message
+        return []
 
 
-def default_workdir(spec: str) -> pathlib.Path:
-    path, _, arg = spec.partition(":")
-    name = pathlib.Path(path).stem + (f"_{arg}" if arg else "")
-    return pathlib.Path("runs") / name
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
-    parser.add_argument("--workdir", type=pathlib.Path, default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry (repeatable)")
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
-    for assignment in args.set:
-        apply_override(config, assignment)
-    workdir = args.workdir or default_workdir(args.config)
-
-    if config.task == "coma":
-        from spectral_gcn.train import train_and_evaluate
-    else:
-        raise ValueError(f"unknown config.task {config.task!r}; known tasks: 'coma'")
-    result = train_and_evaluate(config, workdir)
-    print(result)
-    return result
+def parse_flags(argv):
+    """absl flag parsing, with an unknown `--config.key` reported as one line naming the key
+    and listing the config's keys (config_flags raises a bare AttributeError/KeyError)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        overrides = [arg for arg in argv[1:] if arg.startswith("--config.")]
+        key = str(error).strip("\"'")
+        sys.exit(f"FATAL: the config declares no key '{key}' (overrides given: {overrides}); "
+                 f"its keys: {', '.join(_config_keys(argv))}")
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the CoMA autoencoder and its frozen use as the 3D-ID encoder.
 
-A checkpoint step holds three items:
+A checkpoint step holds three items (and may hold others, e.g. a trainer's state, which are
+not read here):
   variables: {"params": ..., "stats": {"encoder": {"mean", "std"}}} of the AutoEncoder.
   hierarchy: the MeshHierarchy arrays the weights were trained with.
   metadata:  JSON: model config, hierarchy key and factors, format version, training summary.
@@ -58,10 +59,14 @@ def _manager(directory, max_to_keep: Optional[int] = None) -> ocp.CheckpointMana
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
-def save_checkpoint(directory, step: int, variables: dict, hierarchy: MeshHierarchy,
-                    config: CoMAConfig, factors, extra_metadata: Optional[dict] = None,
-                    max_to_keep: int = 2) -> pathlib.Path:
-    """Write step `step` under `directory` (orbax commits it atomically); returns the directory."""
+def checkpoint_items(variables: dict, hierarchy: MeshHierarchy, config: CoMAConfig, factors,
+                     extra_metadata: Optional[dict] = None) -> dict:
+    """The orbax items of a CoMA checkpoint step: {"variables", "hierarchy", "metadata"} args.
+
+    A trainer adds them to its own checkpoint steps (beside its training state), so that
+    `load_encoder(that directory)` reads the encoder without knowing the trainer's state layout.
+    variables: the AutoEncoder's {"params": ..., "stats": ...}.
+    """
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "model": dataclasses.asdict(config),
@@ -71,12 +76,20 @@ def save_checkpoint(directory, step: int, variables: dict, hierarchy: MeshHierar
         "sizes": list(hierarchy.sizes),
         **(extra_metadata or {}),
     }
+    return {"variables": ocp.args.StandardSave(variables),
+            "hierarchy": ocp.args.StandardSave(mesh_lib.hierarchy_arrays(hierarchy)),
+            "metadata": ocp.args.JsonSave(metadata)}
+
+
+def save_checkpoint(directory, step: int, variables: dict, hierarchy: MeshHierarchy,
+                    config: CoMAConfig, factors, extra_metadata: Optional[dict] = None,
+                    max_to_keep: int = 2) -> pathlib.Path:
+    """Write step `step` of a stand-alone CoMA checkpoint under `directory` (orbax commits it
+    atomically); returns the directory. Trainers use `checkpoint_items` in their own steps."""
     host_variables = jax.tree.map(np.asarray, variables)
     with _manager(directory, max_to_keep) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            variables=ocp.args.StandardSave(host_variables),
-            hierarchy=ocp.args.StandardSave(mesh_lib.hierarchy_arrays(hierarchy)),
-            metadata=ocp.args.JsonSave(metadata)))
+        manager.save(step, args=ocp.args.Composite(**checkpoint_items(
+            host_variables, hierarchy, config, factors, extra_metadata)))
         manager.wait_until_finished()
     return pathlib.Path(directory)
 

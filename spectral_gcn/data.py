@@ -1,5 +1,8 @@
 """Training meshes for the CoMA autoencoder: sampled from a FLAME model, or read from a folder.
 
+Mesh files are read by `flame_jax.fileio.read_mesh` (trimesh, vertex order kept), so every
+format trimesh reads works (obj, ply, stl, off, glb).
+
 Synthetic meshes (the default) are FLAME heads in canonical pose, as MICA's neutral meshes:
 identity N(0, shape_std^2) on every shape component (the model's components are scaled so that
 a unit coefficient is one standard deviation, and their spectrum decays), expression
@@ -18,8 +21,7 @@ import jax
 import numpy as np
 
 import flame_jax
-
-MESH_SUFFIXES = (".obj", ".ply")
+from flame_jax.fileio import MESH_SUFFIXES, read_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,66 +71,14 @@ def synthetic_meshes(model: flame_jax.FlameModel, num_meshes: int, seed: int,
     return np.concatenate(chunks)[:num_meshes].astype(np.float32)
 
 
-def read_obj(path) -> Tuple[np.ndarray, np.ndarray]:
-    """(vertices (V, 3) float32, faces (F, 3) int32) of a triangle `.obj`, in file order.
-
-    Only `v` and `f` records are read (texture/normal indices after '/' are ignored); polygons
-    with more than three corners are fan-triangulated. ValueError names the file and line.
-    """
-    path = pathlib.Path(path)
-    vertices, faces = [], []
-    with open(path, "r", encoding="utf-8", errors="replace") as stream:
-        for number, line in enumerate(stream, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                if parts[0] == "v":
-                    vertices.append([float(x) for x in parts[1:4]])
-                    if len(vertices[-1]) != 3:
-                        raise ValueError("a vertex needs three coordinates")
-                elif parts[0] == "f":
-                    corners = [int(p.split("/")[0]) for p in parts[1:]]
-                    if len(corners) < 3:
-                        raise ValueError("a face needs at least three corners")
-                    corners = [c - 1 if c > 0 else len(vertices) + c for c in corners]
-                    faces.extend([corners[0], corners[i], corners[i + 1]]
-                                 for i in range(1, len(corners) - 1))
-            except ValueError as error:
-                raise ValueError(f"{path}:{number}: cannot parse {line.strip()!r}: {error}") \
-                    from None
-    if not vertices:
-        raise ValueError(f"{path}: no vertices ('v' lines) found")
-    return np.asarray(vertices, np.float32), np.asarray(faces, np.int32).reshape(-1, 3)
-
-
-def read_mesh(path) -> Tuple[np.ndarray, np.ndarray]:
-    """(vertices (V, 3) float32, faces (F, 3) int32) of an `.obj` or `.ply` file, vertex order
-    kept (trimesh reads `.ply` with process=False)."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"mesh file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".obj":
-        return read_obj(path)
-    if suffix == ".ply":
-        import trimesh
-
-        try:
-            mesh = trimesh.load(path, process=False, force="mesh")
-        except Exception as error:  # trimesh raises many types for corrupt files
-            raise ValueError(f"{path}: cannot read PLY mesh: {error}") from error
-        return np.asarray(mesh.vertices, np.float32), np.asarray(mesh.faces, np.int32)
-    raise ValueError(f"{path}: unsupported mesh format {suffix!r}; use one of {MESH_SUFFIXES}")
-
-
 def load_mesh_folder(folder, num_vertices: int, faces: Optional[np.ndarray] = None,
                      scale: float = 1.0) -> Tuple[np.ndarray, Sequence[pathlib.Path]]:
-    """All `.obj`/`.ply` registrations under `folder` (recursively, sorted by path).
+    """All mesh files (MESH_SUFFIXES) under `folder` (recursively, sorted by path).
 
     Returns (vertices (M, num_vertices, 3) float32 times `scale` (e.g. 0.001 for millimetre
     files, to get metres), paths). Every file must have `num_vertices` vertices, and the same
-    triangles as `faces` when it is given; a file that does not is named in the ValueError.
+    triangles as `faces` when it is given; a file that does not is named in the ValueError
+    (an unreadable file raises `flame_jax.FlameFileError`, also a ValueError, naming it).
     """
     folder = pathlib.Path(folder)
     if not folder.is_dir():

@@ -141,9 +141,6 @@ class RunCheckpointer:
 
         extra is {} when the step was saved without one.
         """
-        if step not in self._manager.all_steps():
-            raise CheckpointRestoreError(f"{self.directory} has no step {step}; steps present: "
-                                         f"{self.all_steps()}")
         items = {STATE: ocp.args.StandardRestore(target_state)}
         item_names = self._item_names(step)
         if EXTRA in item_names:
@@ -151,7 +148,16 @@ class RunCheckpointer:
         restored = self._restore_items(step, items)
         return restored[STATE], dict(restored.get(EXTRA) or {})
 
+    def restore_extra(self, step: int) -> dict:
+        """The JSON `extra` of `step` alone ({} if it has none), without the state."""
+        if EXTRA not in self._item_names(step):
+            return {}
+        return dict(self._restore_items(step, {EXTRA: ocp.args.JsonRestore()})[EXTRA] or {})
+
     def _item_names(self, step: int) -> set:
+        if step not in self._manager.all_steps():
+            raise CheckpointRestoreError(f"{self.directory} has no step {step}; steps present: "
+                                         f"{self.all_steps()}")
         step_dir = self.directory / str(step)
         return {path.name for path in step_dir.iterdir() if path.is_dir()}
 
