@@ -109,7 +109,6 @@ class Reconstructor:
         """-> (FaceReconstruction, visuals {crop (224,224,3), transform, landmarks_crop,
         fitted_crop, code (Code)}) for one detected `recon.photo.detect.Face`."""
         import jax.numpy as jnp  # noqa: PLC0415
-        import flame_jax  # noqa: PLC0415
         from recon.photo import detect, fitting  # noqa: PLC0415
         from recon.types import Code  # noqa: PLC0415
 
@@ -133,11 +132,9 @@ class Reconstructor:
             initial_crop_px = float(result.initial_error_px[0])
         else:
             code = init
-            variables = fitting.variables_from_code(code, self.options)
-            fitted_crop = np.asarray(fitting.synthesise(variables, self.assets, target,
-                                                        with_render=False)[2])[0]
+            fitted_crop = np.asarray(fitting.landmarks_2d(code, self.model))[0]
             initial_crop_px = None
-        flame = flame_jax.forward(self.model, code.flame_params())
+        flame = fitting.flame_forward(self.model, code.flame_params())
         landmarks_3d = np.asarray(flame.landmarks)[0]
         fitted_image = detect.apply_transform(transform, fitted_crop)
         final = float(np.mean(np.linalg.norm(fitted_image - face.landmarks_68, axis=-1)))
@@ -157,13 +154,12 @@ class Reconstructor:
     def overlay(self, image: np.ndarray, face, visuals: dict) -> np.ndarray:
         """(448, 1344, 3) uint8: input crop | shaded render | render over the input."""
         from recon import render as render_lib, shading  # noqa: PLC0415
-        from recon.photo import detect  # noqa: PLC0415
-        import flame_jax  # noqa: PLC0415
+        from recon.photo import detect, fitting  # noqa: PLC0415
 
         size = OVERLAY_SIZE
         crop, _ = detect.crop_from_box(image, face.box, size=size)
         code = visuals["code"]
-        flame = flame_jax.forward(self.model, code.flame_params())
+        flame = fitting.flame_forward(self.model, code.flame_params())
         albedo = shading.albedo_from_texture(self.assets.albedo_mean, self.assets.albedo_basis,
                                              code.texture)
         # The camera is in NDC, so the same code renders the same view at any resolution.

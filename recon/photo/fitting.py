@@ -1,8 +1,9 @@
 """Analysis-by-synthesis fitting of FLAME to one face crop through `recon.render`.
 
 Everything happens in the 224 x 224 crop (`recon.photo.detect.crop_from_box`), with the camera
-and landmark conventions of `recon.camera`. Three stages, each a Python loop over one jitted
-optax-Adam step (`fit_step`, static stage and options), deterministic (no randomness at all):
+and landmark conventions of `recon.camera`. Four stages, each a Python loop over one jitted
+Adam step (`fit_step`; the stage is a traced `StageControl`, so only two programs compile: with
+and without the renderer), deterministic (no randomness at all):
 
   1. "rigid":       camera and head rotation on the 68 landmarks;
   2. "landmarks":   + shape, expression and jaw, with L2 priors;
@@ -260,9 +261,8 @@ def to_code(variables: FitVariables, camera0: Array) -> Code:
                 camera=jnp.concatenate([scale, translation], -1), light=light)
 
 
-@jax.jit
-def _flame_landmarks(model: flame_jax.FlameModel, params: flame_jax.FlameParams) -> Array:
-    return flame_jax.forward(model, params).landmarks
+# The one compiled FLAME forward outside the fitting step (initialisation, reporting, outputs).
+flame_forward = jax.jit(flame_jax.forward, static_argnames="chunk_size")
 
 
 def initial_camera(model: flame_jax.FlameModel, code: Code, landmarks_px: np.ndarray,
@@ -272,7 +272,7 @@ def initial_camera(model: flame_jax.FlameModel, code: Code, landmarks_px: np.nda
     Least squares over the 51 inner points: s X + s t = target_ndc (y flipped), linear in
     (s, s tx, s ty).
     """
-    points = np.asarray(_flame_landmarks(model, code.flame_params()))[:, _INNER]
+    points = np.asarray(flame_forward(model, code.flame_params()).landmarks)[:, _INNER]
     target = np.asarray(camera_lib.pixels_to_ndc(jnp.asarray(landmarks_px),
                                                  (CROP_SIZE, CROP_SIZE)))[:, _INNER]
     cameras = []
@@ -338,21 +338,53 @@ def synthesise(variables: FitVariables, assets: FitAssets, target: FitTarget, *,
     return code, flame, landmarks_2d, rendered
 
 
+@struct.dataclass
+class StageControl:
+    """What distinguishes the stages, as traced values, so that the two landmark-only stages
+    share one compiled step and the two photometric stages another (compiling the rendered
+    step dominates a fit's run time on the CPU).
+
+      mask: FitVariables of scalar 0/1, the fields this stage updates.
+      learning_rate: scalar Adam step size.
+      landmark_on, priors_on: scalar 0/1 switches of the landmark term and the geometry priors.
+    """
+
+    mask: FitVariables
+    learning_rate: Array
+    landmark_on: Array
+    priors_on: Array
+
+
+def stage_control(stage: str, options: FitOptions) -> StageControl:
+    """StageControl of one of `STAGES`."""
+    if stage not in _TRAINABLE:
+        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    trainable = _TRAINABLE[stage]
+    mask = FitVariables(**{field.name: jnp.asarray(float(field.name in trainable), jnp.float32)
+                           for field in dataclasses.fields(FitVariables)})
+    rate = {"appearance": options.appearance_learning_rate,
+            "photometric": options.photometric_learning_rate}.get(stage, options.learning_rate)
+    return StageControl(mask=mask, learning_rate=jnp.asarray(rate, jnp.float32),
+                        landmark_on=jnp.asarray(float(stage != "appearance"), jnp.float32),
+                        priors_on=jnp.asarray(float(stage in ("landmarks", "photometric")),
+                                              jnp.float32))
+
+
 def fit_loss(variables: FitVariables, assets: FitAssets, target: FitTarget,
-             options: FitOptions, stage: str) -> tuple[Array, dict]:
-    """Scalar loss (mean over the batch) and per-term metrics for one stage."""
-    photometric = stage in ("appearance", "photometric")
+             options: FitOptions, control: StageControl, *,
+             photometric: bool) -> tuple[Array, dict]:
+    """Scalar loss (mean over the batch) and per-term metrics (weighted, switched) of a stage."""
     code, _, landmarks_2d, rendered = synthesise(variables, assets, target,
                                                  with_render=photometric, sigma=options.sigma)
-    terms = {}
-    if stage != "appearance":
-        terms["landmark"] = options.landmark_weight * landmark_loss(
-            landmarks_2d, target.landmarks, target.landmark_weights)
-    if stage in ("landmarks", "photometric"):
-        terms["shape_prior"] = options.shape_prior * jnp.sum(variables.shape ** 2, -1)
-        terms["expression_prior"] = (options.expression_prior
-                                     * jnp.sum(variables.expression ** 2, -1))
-        terms["jaw_prior"] = options.jaw_prior * jnp.sum(variables.jaw_pose ** 2, -1)
+    terms = {
+        "landmark": control.landmark_on * options.landmark_weight * landmark_loss(
+            landmarks_2d, target.landmarks, target.landmark_weights),
+        "shape_prior": control.priors_on * options.shape_prior
+        * jnp.sum(variables.shape ** 2, -1),
+        "expression_prior": control.priors_on * options.expression_prior
+        * jnp.sum(variables.expression ** 2, -1),
+        "jaw_prior": control.priors_on * options.jaw_prior * jnp.sum(variables.jaw_pose ** 2, -1),
+    }
     if photometric:
         # Face-region pixels of the render (hard visibility: the region mask needs no gradient;
         # colours and geometry get theirs through the interpolated attributes).
@@ -369,33 +401,31 @@ def fit_loss(variables: FitVariables, assets: FitAssets, target: FitTarget,
     return jnp.mean(per_example), metrics
 
 
-def _optimizer(options: FitOptions, stage: str) -> optax.GradientTransformation:
-    rate = {"appearance": options.appearance_learning_rate,
-            "photometric": options.photometric_learning_rate}.get(stage, options.learning_rate)
-    return optax.adam(rate)
+_ADAM = optax.scale_by_adam()
 
 
-def _stage_mask(variables: FitVariables, stage: str) -> FitVariables:
-    trainable = _TRAINABLE[stage]
-    return FitVariables(**{field.name: jnp.asarray(field.name in trainable, jnp.float32)
-                           for field in dataclasses.fields(FitVariables)})
-
-
-@functools.partial(jax.jit, static_argnames=("options", "stage"))
-def fit_step(variables: FitVariables, opt_state, assets: FitAssets, target: FitTarget, *,
-             options: FitOptions, stage: str):
-    """One Adam step of `stage` -> (variables, opt_state, loss, metrics)."""
+@functools.partial(jax.jit, static_argnames=("options", "photometric"))
+def fit_step(variables: FitVariables, opt_state, assets: FitAssets, target: FitTarget,
+             control: StageControl, *, options: FitOptions, photometric: bool):
+    """One Adam step -> (variables, opt_state, loss, metrics). Frozen fields (mask 0) get zero
+    gradients, hence zero Adam moments and exactly zero updates."""
     (loss, metrics), grads = jax.value_and_grad(fit_loss, has_aux=True)(
-        variables, assets, target, options, stage)
-    mask = _stage_mask(variables, stage)
-    grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, mask)
-    updates, opt_state = _optimizer(options, stage).update(grads, opt_state, variables)
+        variables, assets, target, options, control, photometric=photometric)
+    grads = jax.tree_util.tree_map(lambda g, m: g * m, grads, control.mask)
+    updates, opt_state = _ADAM.update(grads, opt_state, variables)
+    updates = jax.tree_util.tree_map(lambda u, m: -control.learning_rate * m * u, updates,
+                                     control.mask)
     return optax.apply_updates(variables, updates), opt_state, loss, metrics
 
 
-@jax.jit
+def landmarks_2d(code: Code, model: flame_jax.FlameModel) -> Array:
+    """(B, 68, 2) crop pixels of `code`'s FLAME landmarks."""
+    landmarks = flame_forward(model, code.flame_params()).landmarks
+    return camera_lib.project_to_pixels(landmarks, code.camera, (CROP_SIZE, CROP_SIZE))[..., :2]
+
+
 def _landmarks_2d(variables: FitVariables, assets: FitAssets, target: FitTarget) -> Array:
-    return synthesise(variables, assets, target, with_render=False)[2]
+    return landmarks_2d(to_code(variables, target.camera0), assets.model)
 
 
 def fit(assets: FitAssets, target: FitTarget, init: Code,
@@ -420,11 +450,14 @@ def fit(assets: FitAssets, target: FitTarget, init: Code,
     history = {}
     for stage, steps in zip(STAGES, (options.rigid_steps, options.landmark_steps,
                                      options.appearance_steps, options.photometric_steps)):
-        opt_state = _optimizer(options, stage).init(variables)
+        opt_state = _ADAM.init(variables)
+        control = stage_control(stage, options)
+        photometric = stage in ("appearance", "photometric")
         losses = []
         for step in range(steps):
             variables, opt_state, loss, metrics = fit_step(
-                variables, opt_state, assets, target, options=step_options, stage=stage)
+                variables, opt_state, assets, target, control, options=step_options,
+                photometric=photometric)
             losses.append(loss)
             if progress is not None and (step % 20 == 0 or step == steps - 1):
                 progress(stage, step, {k: float(v) for k, v in metrics.items()})
