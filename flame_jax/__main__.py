@@ -12,9 +12,9 @@ import pathlib
 import cv2
 import jax.numpy as jnp
 import numpy as np
-import trimesh
 
 import flame_jax
+from flame_jax.fileio import atomic_write, write_mesh
 from flame_jax.preview import grid, shade_mesh
 
 
@@ -53,10 +53,13 @@ def main(argv=None):
     colors = None if model.albedo_mean is None else np.asarray(model.albedo_mean)
     tiles = []
     for i, vertices in enumerate(np.asarray(out.vertices)):
-        trimesh.Trimesh(vertices, faces, process=False).export(args.out / f"head_{i}.obj")
+        write_mesh(args.out / f"head_{i}.obj", vertices, faces)
         tiles.append(shade_mesh(vertices, faces, size=args.size, colors=colors))
     preview = grid(tiles, columns=min(args.num, 3))
-    cv2.imwrite(str(args.out / "preview.png"), cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
+    ok, png = cv2.imencode(".png", cv2.cvtColor(preview, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the preview PNG")
+    atomic_write(args.out / "preview.png", png.tobytes())
     print(f"wrote {args.num} meshes and preview.png to {args.out}")
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from flame_jax.landmarks import barycentric_points, landmarks_68
-from flame_jax.lbs import blend_shapes, pose_feature, rigid_transform, skin, vertices_to_joints
+from flame_jax.lbs import blend_shapes, pose_feature, rigid_transform, skin
 from flame_jax.model import FlameModel, FlameOutput, FlameParams
 from flame_jax.rotation import rodrigues
 
@@ -65,16 +65,17 @@ def _forward_batch(model: FlameModel, params: FlameParams) -> FlameOutput:
                                   "expression")
     batch_size = shape.shape[0]
 
-    # The template is row 0 of the basis: coefficient 1 folds it into the same product.
-    coefficients = jnp.concatenate([jnp.ones((batch_size, 1), dtype), shape, expression], axis=1)
-    v_shaped = blend_shapes(coefficients, model.blend_basis)
-    rest_joints = vertices_to_joints(model.j_regressor, v_shaped)
-
     full_pose = params.full_pose().astype(dtype).reshape(batch_size, model.num_joints, 3)
     rotations = rodrigues(full_pose)  # (B, J, 3, 3)
-    pose_offsets = (pose_feature(rotations) @ model.posedirs).reshape(batch_size, -1, 3)
+    # One product gives the posed rest mesh: coefficients [1 (template), shape, expression,
+    # pose feature] against the stacked basis; the joints come from the same coefficients
+    # against the regressed basis, without a pass over the mesh.
+    coefficients = jnp.concatenate([jnp.ones((batch_size, 1), dtype), shape, expression], axis=1)
+    v_posed = blend_shapes(jnp.concatenate([coefficients, pose_feature(rotations)], axis=1),
+                           model.blend_basis)
+    rest_joints = (coefficients @ model.joint_basis).reshape(batch_size, model.num_joints, 3)
     posed_joints, skinning = rigid_transform(rotations, rest_joints, model.parents)
-    vertices = skin(model.lbs_weights, skinning, v_shaped + pose_offsets)
+    vertices = skin(model.lbs_weights, skinning, v_posed)
 
     translation = params.translation.astype(dtype)[:, None]
     vertices = vertices + translation

@@ -25,25 +25,29 @@ NUM_CONTOUR_LANDMARKS = 17
 NUM_STATIC_LANDMARKS = 51
 
 
-BLEND_FIELDS = ("v_template", "shapedirs", "exprdirs")  # stored together as `blend_basis`
+BLEND_FIELDS = ("v_template", "shapedirs", "exprdirs", "posedirs")  # stored as `blend_basis`
 
 
 @struct.dataclass(kw_only=True)
 class FlameModel:
     """FLAME assets in the layout of the official model (smplx naming where it has one).
 
-    Build it with `FlameModel.create(v_template=..., shapedirs=..., exprdirs=..., ...)` (or
-    `flame_jax.load` / `flame_jax.synthetic`); the three blend arrays are stored as one basis.
+    Build it with `FlameModel.create(v_template=..., shapedirs=..., exprdirs=..., posedirs=...,
+    j_regressor=..., ...)` (or `flame_jax.load` / `flame_jax.synthetic`): the four blend arrays
+    are stored as one basis, and the joint regressor is also applied to that basis once.
 
     Stored fields:
-      blend_basis:   (1 + n_shape + n_expression, V * 3): row 0 the mean head (metres), then the
-                     identity, then the expression blend shapes, each flattened vertex-major
-                     (column 3 v + c). One contiguous matrix makes the whole blend a single
-                     (B, 1 + n) @ (1 + n, V * 3) product with the template folded in (coefficient
-                     1); this row layout is what the CPU GEMM reads fastest (benchmarks/).
+      blend_basis:   (1 + n_shape + n_expression + P * 9, V * 3): row 0 the mean head (metres),
+                     then the identity, the expression and the pose-corrective blend shapes,
+                     each flattened vertex-major (column 3 v + c). The posed rest mesh is then a
+                     single (B, K) @ (K, V * 3) product with coefficients [1, shape, expression,
+                     pose feature]: the template is folded in, and this row layout is what the
+                     CPU GEMM streams fastest (see benchmarks/flame_forward.py).
+      joint_basis:   (1 + n_shape + n_expression, J * 3) = j_regressor applied to the template
+                     and shape/expression rows, so rest joints are a tiny product with the same
+                     coefficients instead of a pass over the (B, V, 3) mesh. Derived: `create`
+                     and `replace` keep it in step with blend_basis and j_regressor.
       num_shape:     static int n_shape (rows 1..n_shape of blend_basis).
-      posedirs:      (P * 9, V * 3) pose-corrective blend shapes on the flattened (R - I) of the
-                     P = 4 non-root joints (smplx layout: `pose_feature @ posedirs`).
       j_regressor:   (J, V) joint regressor, J = 5 (root, neck, jaw, left eye, right eye).
       lbs_weights:   (V, J) skinning weights, rows sum to one.
       faces:         (F, 3) int32 triangles (F = 9976 for FLAME).
@@ -57,6 +61,8 @@ class FlameModel:
       v_template:    (V, 3) mean head in metres (V = 5023 for FLAME).
       shapedirs:     (V, 3, n_shape) identity blend shapes.
       exprdirs:      (V, 3, n_expression) expression blend shapes.
+      posedirs:      (P * 9, V * 3) pose-corrective blend shapes on the flattened (R - I) of the
+                     P = J - 1 non-root joints (smplx layout: `pose_feature @ posedirs`).
 
     Optional fields (None when the source has none):
       mediapipe_lmk_faces: (M,) int32; mediapipe_lmk_bary: (M, 3); mediapipe_lmk_ids: (M,) int32
@@ -67,9 +73,9 @@ class FlameModel:
                      left_ear, right_ear, nose, lips, forehead, neck, scalp, eye_region.
     """
 
-    blend_basis: Array
+    blend_basis: Array = struct.field(metadata={"views": BLEND_FIELDS})
+    joint_basis: Array = struct.field(metadata={"derived": True})
     num_shape: int = struct.field(pytree_node=False)
-    posedirs: Array
     j_regressor: Array
     lbs_weights: Array
     faces: Array
@@ -86,20 +92,32 @@ class FlameModel:
     parents: tuple = struct.field(pytree_node=False, default=FLAME_PARENTS)
 
     @classmethod
-    def create(cls, *, v_template, shapedirs, exprdirs, **fields) -> "FlameModel":
-        """From the official per-vertex layout: v_template (V, 3), shapedirs (V, 3, n_shape),
-        exprdirs (V, 3, n_expression), and the other fields by name."""
-        return cls(blend_basis=blend_basis(v_template, shapedirs, exprdirs),
-                   num_shape=int(shapedirs.shape[-1]), **fields)
+    def create(cls, *, v_template, shapedirs, exprdirs, posedirs, j_regressor,
+               **fields) -> "FlameModel":
+        """From the official layout: v_template (V, 3), shapedirs (V, 3, n_shape), exprdirs
+        (V, 3, n_expression), posedirs (P * 9, V * 3), j_regressor (J, V), and the other
+        fields by name."""
+        basis = blend_basis(v_template, shapedirs, exprdirs, posedirs)
+        num_blend = 1 + shapedirs.shape[-1] + exprdirs.shape[-1]
+        return cls(blend_basis=basis, joint_basis=joint_basis(basis[:num_blend], j_regressor),
+                   num_shape=int(shapedirs.shape[-1]), j_regressor=jnp.asarray(j_regressor),
+                   **fields)
 
     def _replace(self, **updates) -> "FlameModel":
-        """`dataclasses.replace`, also accepting v_template / shapedirs / exprdirs."""
-        blend = {key: updates.pop(key) for key in BLEND_FIELDS if key in updates}
-        if blend:
-            arrays = {key: blend.get(key, getattr(self, key)) for key in BLEND_FIELDS}
-            updates["blend_basis"] = blend_basis(**arrays)
-            updates["num_shape"] = int(arrays["shapedirs"].shape[-1])
+        """`dataclasses.replace`, also accepting v_template / shapedirs / exprdirs / posedirs;
+        the derived joint_basis follows changes of those and of j_regressor."""
+        if any(key in updates for key in BLEND_FIELDS + ("j_regressor",)):
+            arrays = {key: updates.pop(key) if key in updates else getattr(self, key)
+                      for key in BLEND_FIELDS + ("j_regressor",)}
+            fields = {key: getattr(self, key) for key in (
+                f.name for f in dataclasses.fields(self)) if key not in (
+                "blend_basis", "joint_basis", "num_shape", "j_regressor")}
+            return FlameModel.create(**arrays, **{**fields, **updates})
         return dataclasses.replace(self, **updates)
+
+    @property
+    def num_pose_features(self) -> int:
+        return 9 * (len(self.parents) - 1)
 
     @property
     def v_template(self) -> Array:
@@ -111,7 +129,11 @@ class FlameModel:
 
     @property
     def exprdirs(self) -> Array:
-        return self._directions(1 + self.num_shape, self.blend_basis.shape[0])
+        return self._directions(1 + self.num_shape, self.joint_basis.shape[0])
+
+    @property
+    def posedirs(self) -> Array:
+        return self.blend_basis[self.joint_basis.shape[0]:]
 
     def _directions(self, start: int, stop: int) -> Array:
         rows = self.blend_basis[start:stop]  # (n, V * 3)
@@ -123,7 +145,7 @@ class FlameModel:
 
     @property
     def num_expression(self) -> int:
-        return int(self.blend_basis.shape[0]) - 1 - self.num_shape
+        return int(self.joint_basis.shape[0]) - 1 - self.num_shape
 
     @property
     def num_texture(self) -> int:
@@ -146,20 +168,37 @@ class FlameModel:
 FlameModel.replace = FlameModel._replace
 
 
-def blend_basis(v_template, shapedirs, exprdirs) -> Array:
-    """(V, 3), (V, 3, n_shape), (V, 3, n_expression) -> (1 + n_shape + n_expression, V * 3)."""
+def blend_basis(v_template, shapedirs, exprdirs, posedirs) -> Array:
+    """(V, 3), (V, 3, n_shape), (V, 3, n_expression), (P, V * 3) -> (1 + n_shape + n_expression
+    + P, V * 3) rows [template, identity, expression, pose correctives]; ValueError on shapes."""
     num_vertices = v_template.shape[0]
     if (v_template.shape != (num_vertices, 3) or shapedirs.ndim != 3
             or shapedirs.shape[:2] != (num_vertices, 3) or exprdirs.ndim != 3
-            or exprdirs.shape[:2] != (num_vertices, 3)):
+            or exprdirs.shape[:2] != (num_vertices, 3) or posedirs.ndim != 2
+            or posedirs.shape[1] != num_vertices * 3):
         raise ValueError(f"blend shapes must be v_template (V, 3), shapedirs (V, 3, n), exprdirs "
-                         f"(V, 3, m); got {v_template.shape}, {shapedirs.shape}, "
-                         f"{exprdirs.shape}")
+                         f"(V, 3, m), posedirs (P, V * 3); got {v_template.shape}, "
+                         f"{shapedirs.shape}, {exprdirs.shape}, {posedirs.shape}")
     rows = lambda directions: jnp.moveaxis(jnp.asarray(directions), -1, 0).reshape(  # noqa: E731
         directions.shape[-1], num_vertices * 3)
-    dtype = jnp.result_type(v_template, shapedirs, exprdirs)
+    dtype = jnp.result_type(v_template, shapedirs, exprdirs, posedirs)
     return jnp.concatenate([jnp.asarray(v_template).reshape(1, -1), rows(shapedirs),
-                            rows(exprdirs)], axis=0).astype(dtype)
+                            rows(exprdirs), jnp.asarray(posedirs)], axis=0).astype(dtype)
+
+
+def joint_basis(rows, j_regressor) -> Array:
+    """(K, V * 3) blend rows, (J, V) regressor -> (K, J * 3): the regressor applied to each row.
+
+    Computed in float32 at least (a bfloat16 model keeps bfloat16 storage)."""
+    rows, j_regressor = jnp.asarray(rows), jnp.asarray(j_regressor)
+    num_vertices = j_regressor.shape[1]
+    if rows.shape[1] != num_vertices * 3:
+        raise ValueError(f"j_regressor has shape {j_regressor.shape} but the blend shapes have "
+                         f"{rows.shape[1] // 3} vertices")
+    compute = jnp.promote_types(rows.dtype, jnp.float32)
+    joints = jnp.einsum("kvc,jv->kjc", rows.reshape(rows.shape[0], num_vertices, 3).astype(compute),
+                        j_regressor.astype(compute), precision=jax.lax.Precision.HIGHEST)
+    return joints.reshape(rows.shape[0], -1).astype(rows.dtype)
 
 
 @struct.dataclass
@@ -224,17 +263,20 @@ def _array_fields(required: Optional[bool]) -> Tuple[str, ...]:
     for field in dataclasses.fields(FlameModel):
         if not field.metadata.get("pytree_node", True) or field.name == "masks":
             continue  # static fields (num_shape, parents) and the masks dict
+        if field.metadata.get("derived"):
+            continue  # recomputed by FlameModel.create, never read from files
         is_required = (field.default is dataclasses.MISSING
                        and field.default_factory is dataclasses.MISSING)
         if required is None or required == is_required:
-            names.extend(BLEND_FIELDS if field.name == "blend_basis" else (field.name,))
+            names.extend(field.metadata.get("views", (field.name,)))
     return tuple(names)
 
 
 def array_fields() -> Tuple[str, ...]:
     """Names of the model's arrays in files and in `FlameModel.create`, in declaration order
-    (`blend_basis` as its three views v_template, shapedirs, exprdirs; not masks, not
-    parents), read from the dataclass so that a new field needs no other list updated."""
+    (`blend_basis` as its views v_template, shapedirs, exprdirs, posedirs; not the derived
+    joint_basis, masks or parents), read from the dataclass so that a new field needs no
+    other list updated."""
     return _array_fields(None)
 
 

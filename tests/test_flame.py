@@ -224,6 +224,78 @@ def test_wrong_pose_width_is_rejected(model):
         forward(model, params.replace(eye_pose=jnp.zeros((2, 3))))
 
 
+# ----------------------------------------------------------------------------- model storage
+def test_blend_basis_layout_views_and_replace(official_random, model):
+    """One (1 + n_shape + n_expression + 36, V * 3) basis; the official arrays are exact views;
+    joint_basis is the regressor applied to its template/shape/expression rows."""
+    v = official_random["v_template"].shape[0]
+    rows = 1 + NUM_SHAPE + NUM_EXPRESSION
+    basis = np.asarray(model.blend_basis)
+    assert basis.shape == (rows + 36, v * 3) and model.num_shape == NUM_SHAPE
+    directions = official_random["shapedirs"].astype(np.float32)  # (V, 3, 400)
+    np.testing.assert_array_equal(basis[0], official_random["v_template"].astype(np.float32)
+                                  .reshape(-1))
+    np.testing.assert_array_equal(basis[1 + 7], directions[..., 7].reshape(-1))  # row 1 + k
+    np.testing.assert_array_equal(basis[1 + NUM_SHAPE + 3], directions[..., NUM_SHAPE + 3]
+                                  .reshape(-1))
+    pose = official_random["posedirs"].astype(np.float32)  # (V, 3, 36)
+    np.testing.assert_array_equal(basis[rows + 5], pose[..., 5].reshape(-1))
+    np.testing.assert_array_equal(model.shapedirs, directions[..., :NUM_SHAPE])
+    np.testing.assert_array_equal(model.exprdirs, directions[..., NUM_SHAPE:])
+    np.testing.assert_array_equal(model.posedirs, pose.reshape(-1, 36).T)
+    assert model.num_expression == NUM_EXPRESSION and model.num_vertices == v
+    # joint_basis against float64 numpy: J (5, V) applied to each (V, 3) row.
+    expected = np.einsum("jv,kvc->kjc", official_random["J_regressor"],
+                         basis[:rows].astype(np.float64).reshape(rows, v, 3))
+    np.testing.assert_allclose(np.asarray(model.joint_basis).reshape(rows, 5, 3), expected,
+                               rtol=1e-5, atol=1e-7)
+    # replace() takes the official arrays and rebuilds the bases (and the static count).
+    fewer = model.replace(shapedirs=model.shapedirs[..., :5], v_template=model.v_template + 1.0,
+                          j_regressor=model.j_regressor[::-1])
+    assert fewer.num_shape == 5 and fewer.blend_basis.shape == (1 + 5 + NUM_EXPRESSION + 36,
+                                                                v * 3)
+    np.testing.assert_array_equal(fewer.exprdirs, model.exprdirs)
+    np.testing.assert_array_equal(fewer.posedirs, model.posedirs)
+    np.testing.assert_allclose(fewer.v_template, np.asarray(model.v_template) + 1.0)
+    out = forward(fewer, flame_jax.FlameParams.zeros(1, fewer))
+    np.testing.assert_allclose(out.vertices[0], np.asarray(model.v_template) + 1.0, atol=1e-6)
+    template_joints = official_random["J_regressor"][::-1] @ (official_random["v_template"] + 1.0)
+    np.testing.assert_allclose(out.joints[0], template_joints, atol=1e-6)
+    arrays = {key: getattr(model, key) for key in (
+        "v_template", "exprdirs", "posedirs", "j_regressor", "lbs_weights", "faces",
+        "static_lmk_faces", "static_lmk_bary", "dynamic_lmk_faces", "dynamic_lmk_bary")}
+    with pytest.raises(ValueError, match=r"shapedirs \(V, 3, n\)"):
+        flame_jax.FlameModel.create(shapedirs=model.shapedirs[0], **arrays)
+    with pytest.raises(ValueError, match=r"j_regressor has shape \(5, 10\)"):
+        flame_jax.FlameModel.create(**dict(arrays, j_regressor=np.zeros((5, 10))),
+                                    shapedirs=model.shapedirs)
+
+
+def test_field_lists_come_from_the_dataclass(model):
+    import dataclasses
+
+    from flame_jax.model import array_fields, from_numpy, required_array_fields, to_numpy
+
+    declared = [f.name for f in dataclasses.fields(flame_jax.FlameModel)]
+    expected = [name for name in declared
+                if name not in ("joint_basis", "num_shape", "masks", "parents")]
+    blend = expected.index("blend_basis")
+    expected[blend:blend + 1] = ["v_template", "shapedirs", "exprdirs", "posedirs"]
+    assert list(array_fields()) == expected
+    assert set(required_array_fields()) <= set(array_fields())
+    assert "albedo_mean" not in required_array_fields()
+    arrays = to_numpy(model)
+    assert sorted(arrays) == sorted([k for k in array_fields() if getattr(model, k) is not None]
+                                    + ["parents"])
+    again = from_numpy(arrays)
+    for key, value in to_numpy(again).items():
+        np.testing.assert_array_equal(value, arrays[key], err_msg=key)
+    with pytest.raises(ValueError, match=r"unknown keys \['shape_dirs'\]"):
+        from_numpy(dict(arrays, shape_dirs=arrays["shapedirs"]))
+    with pytest.raises(ValueError, match=r"missing keys \['posedirs'\]"):
+        from_numpy({k: v for k, v in arrays.items() if k != "posedirs"})
+
+
 # ----------------------------------------------------------------------------- gradients
 def test_gradients_match_finite_differences(model):
     rng = np.random.default_rng(4)
