@@ -9,8 +9,11 @@ grain input pipeline that batches them subject-major.
 """
 
 from recon.data.augment import AugmentConfig
+from recon.data.mica import MicaDataset
+from recon.data.pipeline import BatchIterator, batch_from_numpy, check_example, make_loader
 from recon.data.synthetic import (HELDOUT_SUBJECTS, NOW_SYNTHETIC_SUBJECTS, TRAIN_SUBJECTS,
                                   SyntheticConfig, SyntheticSource, make_example, make_subject)
 
-__all__ = ["AugmentConfig", "HELDOUT_SUBJECTS", "NOW_SYNTHETIC_SUBJECTS", "TRAIN_SUBJECTS",
-           "SyntheticConfig", "SyntheticSource", "make_example", "make_subject"]
+__all__ = ["AugmentConfig", "BatchIterator", "HELDOUT_SUBJECTS", "MicaDataset",
+           "NOW_SYNTHETIC_SUBJECTS", "TRAIN_SUBJECTS", "SyntheticConfig", "SyntheticSource",
+           "batch_from_numpy", "check_example", "make_example", "make_loader", "make_subject"]
