@@ -153,3 +153,20 @@ def test_now_landmark_indices():
     landmarks = np.arange(68 * 3, dtype=np.float32).reshape(68, 3)
     np.testing.assert_array_equal(predict.now_landmarks(landmarks),
                                   landmarks[[36, 39, 42, 45, 33, 48, 54]])
+
+
+def test_flame_model_file_without_albedo_borrows_the_builtin_one(tmp_path):
+    """--flame-model PATH: a FLAME file without albedo or masks (as the official ones) is
+    loaded through flame_jax.load; the albedo space and face mask come from the built-in model."""
+    import flame_jax
+
+    builtin = flame_jax.synthetic()
+    bare = builtin.replace(albedo_mean=None, albedo_basis=None, masks=None,
+                           v_template=builtin.v_template + 0.001)
+    path = tmp_path / "flame_without_albedo.npz"
+    flame_jax.save(bare, path)
+    reconstructor = predict.Reconstructor(fit=False, predictor=FakePredictor(),
+                                          flame_model_path=str(path))
+    np.testing.assert_allclose(reconstructor.model.v_template, bare.v_template)
+    np.testing.assert_array_equal(reconstructor.assets.albedo_mean, builtin.albedo_mean)
+    assert float(reconstructor.assets.face_region.sum()) > 1000
