@@ -241,6 +241,21 @@ def test_load_encoder_matches_training_model(runs):
     assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads[0]))  # frozen
 
 
+def test_standalone_encoder_checkpoint_round_trip(runs, tmp_path):
+    """spectral_gcn.save_checkpoint (no trainer state) is read back by load_encoder."""
+    workdir = runs[0]
+    variables, hierarchy, metadata, model_config = checkpoint.load_checkpoint(
+        workdir / "checkpoints")
+    spectral_gcn.save_checkpoint(tmp_path / "encoder", 7, variables, hierarchy, model_config,
+                                 metadata["factors"], {"note": "exported"})
+    frozen = spectral_gcn.load_encoder(tmp_path / "encoder", expected_hierarchy=hierarchy,
+                                       expected_config=model_config)
+    jax.tree.map(np.testing.assert_array_equal, frozen.variables,
+                 {"params": variables["params"]["encoder"],
+                  "stats": variables["stats"]["encoder"]})
+    assert checkpoint.load_checkpoint(tmp_path / "encoder")[2]["note"] == "exported"
+
+
 def test_missing_and_mismatched_checkpoints_raise(runs, tmp_path):
     workdir = runs[0]
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
