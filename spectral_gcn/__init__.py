@@ -17,7 +17,7 @@ from spectral_gcn.mesh import (MeshHierarchy, SparseMatrix, build_hierarchy, fla
 from spectral_gcn.models import AutoEncoder, CoMAConfig, Decoder, Encoder
 
 __all__ = ["CheckpointError", "FrozenEncoder", "checkpoint_items", "encode", "load_checkpoint",
-           "load_encoder", "save_checkpoint", "ChebConv", "chebyshev_basis", "downsample", "sparse_matmul",
-           "upsample", "MeshHierarchy", "SparseMatrix", "build_hierarchy", "flame_hierarchy",
-           "flame_topology", "load_hierarchy", "save_hierarchy", "AutoEncoder", "CoMAConfig",
-           "Decoder", "Encoder"]
+           "load_encoder", "save_checkpoint", "ChebConv", "chebyshev_basis", "downsample",
+           "sparse_matmul", "upsample", "MeshHierarchy", "SparseMatrix", "build_hierarchy",
+           "flame_hierarchy", "flame_topology", "load_hierarchy", "save_hierarchy",
+           "AutoEncoder", "CoMAConfig", "Decoder", "Encoder"]
