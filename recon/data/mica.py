@@ -28,10 +28,9 @@ is what `vertices` holds; `betas[300:]` and `pose` describe the scan, not the ph
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import cv2
 import jax
