@@ -177,3 +177,18 @@ def test_augment_functions_are_deterministic_and_in_range():
     decoded = augment.jpeg(image, 95)
     assert decoded.shape == image.shape and np.abs(decoded - image).mean() < 0.08
     assert np.abs(augment.jpeg(image, 10) - image).mean() > np.abs(decoded - image).mean()
+
+
+def test_loader_over_heldout_subjects(model):
+    source = synthetic.SyntheticSource(model, synthetic.SyntheticConfig(),
+                                       subjects=synthetic.HELDOUT_SUBJECTS[:4],
+                                       images_per_subject=2, seed=SEED)
+    loader = pipeline.make_loader(source, batch_subjects=2, images_per_subject=2, seed=0,
+                                  shuffle=False, num_epochs=1)
+    batches = list(loader)
+    assert len(batches) == 2
+    ids = np.concatenate([b["subject_ids"] for b in batches])
+    np.testing.assert_array_equal(ids, np.repeat(np.arange(4) + synthetic.HELDOUT_SUBJECTS[0], 2))
+    assert not any(int(i) in synthetic.TRAIN_SUBJECTS for i in ids)
+    for batch in batches:
+        pipeline.batch_from_numpy(batch)
