@@ -19,10 +19,10 @@ expression and texture in standard deviations, poses in radians, the camera as
 log(scale / scale0) and an NDC offset, the light in shading units (the SH code divided by
 DECA's constant factors, so a unit changes the shading by about one).
 
-Losses (per example, (B,)):
-  landmark: weighted mean Euclidean distance between projected FLAME landmarks and the targets,
-    in NDC units (pixels * 2 / 224, DECA's normalisation);
-  photometric: sum(mask * |render - photo|) / sum(mask) (mean absolute RGB error in [0, 1]).
+Losses are `recon.losses`' (DECA's, per example): `landmark_loss_ndc` (L1 in NDC units, our
+per-landmark weights as the visibility), `photometric_loss` (mean over the crop of
+mask * |alpha * render - photo|), `squared_norm_regularizer` (shape, expression, texture, jaw)
+and `light_regularizer` (coloured light) on the SH code.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from flax import struct
 
 import flame_jax
 from recon import camera as camera_lib
-from recon import rasterizer, render as render_lib, shading
+from recon import losses, rasterizer, render as render_lib, shading
 from recon.types import Code
 
 Array = jax.Array
@@ -62,7 +62,7 @@ class FitOptions:
     """Fitting schedule and loss weights (hashable: a static argument of the jitted step).
 
     Weights follow DECA's coarse stage (landmark 1, photometric 2, shape / expression /
-    texture priors 1e-4 on the squared coefficients, light 1); the jaw prior keeps an
+    texture priors 1e-4 on half the squared norm, light 1); the jaw prior keeps an
     unconstrained jaw from opening to explain lip landmarks.
     """
 
@@ -291,28 +291,9 @@ def initial_camera(model: flame_jax.FlameModel, code: Code, landmarks_px: np.nda
 
 # ----------------------------------------------------------------------------- losses
 
-def landmark_loss(landmarks_2d: Array, target: Array, weights: Array,
-                  image_size: int = CROP_SIZE) -> Array:
-    """(B, 68, 2), (B, 68, 2) pixels, (B, 68) -> (B,) weighted mean distance in NDC units."""
-    distance = jnp.sqrt(jnp.sum((landmarks_2d - target) ** 2, -1) + 1e-12) * (2.0 / image_size)
-    return jnp.sum(weights * distance, -1) / jnp.maximum(jnp.sum(weights, -1), 1e-8)
-
-
 def landmark_error_px(landmarks_2d: Array, target: Array) -> Array:
     """(B, 68, 2) pixels -> (B,) unweighted mean Euclidean distance, pixels."""
-    return jnp.mean(jnp.sqrt(jnp.sum((landmarks_2d - target) ** 2, -1)), -1)
-
-
-def photometric_loss(rendered: Array, image: Array, mask: Array) -> Array:
-    """(B, H, W, 3), (B, H, W, 3), (B, H, W) -> (B,) masked mean absolute RGB difference."""
-    total = jnp.sum(mask[..., None] * jnp.abs(rendered - image), axis=(1, 2, 3))
-    return total / jnp.maximum(3.0 * jnp.sum(mask, axis=(1, 2)), 1.0)
-
-
-def light_regulariser(light_units: Array) -> Array:
-    """(B, 9, 3) shading-unit SH -> (B,) mean squared deviation from grey (coloured light)."""
-    grey = jnp.mean(light_units, axis=-1, keepdims=True)
-    return jnp.mean((light_units - grey) ** 2, axis=(1, 2))
+    return losses.landmark_error_px(landmarks_2d, target, jnp.ones(landmarks_2d.shape[:2]))
 
 
 # ----------------------------------------------------------------------------- model
@@ -376,14 +357,19 @@ def fit_loss(variables: FitVariables, assets: FitAssets, target: FitTarget,
     """Scalar loss (mean over the batch) and per-term metrics (weighted, switched) of a stage."""
     code, _, landmarks_2d, rendered = synthesise(variables, assets, target,
                                                  with_render=photometric, sigma=options.sigma)
+    size = (CROP_SIZE, CROP_SIZE)
     terms = {
-        "landmark": control.landmark_on * options.landmark_weight * landmark_loss(
-            landmarks_2d, target.landmarks, target.landmark_weights),
+        # Our per-landmark weights (contour down-weighted) enter as the visibility; no DECA
+        # emphasis on jaw points, whose MediaPipe counterparts are the least iBUG-like.
+        "landmark": control.landmark_on * options.landmark_weight * losses.landmark_loss_ndc(
+            landmarks_2d, target.landmarks, target.landmark_weights, image_size=size,
+            landmark_weights=jnp.ones((target.landmarks.shape[1],), jnp.float32)),
         "shape_prior": control.priors_on * options.shape_prior
-        * jnp.sum(variables.shape ** 2, -1),
+        * losses.squared_norm_regularizer(variables.shape),
         "expression_prior": control.priors_on * options.expression_prior
-        * jnp.sum(variables.expression ** 2, -1),
-        "jaw_prior": control.priors_on * options.jaw_prior * jnp.sum(variables.jaw_pose ** 2, -1),
+        * losses.squared_norm_regularizer(variables.expression),
+        "jaw_prior": control.priors_on * options.jaw_prior
+        * losses.squared_norm_regularizer(variables.jaw_pose),
     }
     if photometric:
         # Face-region pixels of the render (hard visibility: the region mask needs no gradient;
@@ -391,10 +377,11 @@ def fit_loss(variables: FitVariables, assets: FitAssets, target: FitTarget,
         visible = rendered.face_index >= 0
         region = jnp.where(visible, assets.face_region[jnp.maximum(rendered.face_index, 0)], 0.0)
         mask = jax.lax.stop_gradient(region * target.skin)
-        terms["photometric"] = options.photometric_weight * photometric_loss(
-            rendered.image, target.image, mask)
-        terms["texture_prior"] = options.texture_prior * jnp.sum(variables.texture ** 2, -1)
-        terms["light_prior"] = options.light_prior * light_regulariser(variables.light)
+        terms["photometric"] = options.photometric_weight * losses.photometric_loss(
+            rendered.image, rendered.alpha, target.image, mask)
+        terms["texture_prior"] = (options.texture_prior
+                                  * losses.squared_norm_regularizer(variables.texture))
+        terms["light_prior"] = options.light_prior * losses.light_regularizer(code.sh_light)
     per_example = sum(terms.values())
     metrics = {name: jnp.mean(value) for name, value in terms.items()}
     metrics["error_px"] = jnp.mean(landmark_error_px(landmarks_2d, target.landmarks))
