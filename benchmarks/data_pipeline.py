@@ -2,6 +2,7 @@
 
     python benchmarks/data_pipeline.py                        # stages + loader, 224 x 224, K = 2
     python benchmarks/data_pipeline.py --grid docs/synthetic_samples.png --subjects 0
+    python benchmarks/data_pipeline.py --subjects 0 --workers 0 --image-size 112 --step-seconds 1
 
 Prints one JSON line per measurement:
   * "compile": first call of the jitted device stage (FLAME + crop camera + render + light).
@@ -10,6 +11,8 @@ Prints one JSON line per measurement:
     in-process samples/s of `make_subject`, for each --images-per-subject value.
   * "loader": `recon.data.pipeline.make_loader` over `SyntheticSource` with --workers worker
     processes: seconds to the first batch (worker start + compile) and steady samples/s.
+  * "data_wait" (--step-seconds): a loop that does CPU (BLAS) work for the given seconds per
+    batch, as a training step would, and the fraction of its time spent waiting in `next()`.
 """
 
 from __future__ import annotations
@@ -81,6 +84,37 @@ def measure_loader(model, config, workers: int, batch_subjects: int, images_per_
                 samples_per_s=round(batches * batch_subjects * images_per_subject / steady, 2))
 
 
+def _busy(seconds: float) -> None:
+    """Stand-in for a CPU training step: BLAS work for `seconds` (competes for the cores)."""
+    matrix = np.random.default_rng(0).random((256, 256), np.float32)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        matrix = np.tanh(matrix @ matrix.T * 1e-3)
+
+
+def measure_data_wait(model, config, step_seconds: float, workers: int, batch_subjects: int,
+                      images_per_subject: int, batches: int, seed: int):
+    """Fraction of a simulated training loop spent waiting in `next(loader)`."""
+    source = synthetic.SyntheticSource(model, config, images_per_subject=images_per_subject,
+                                       seed=seed)
+    loader = pipeline.make_loader(source, batch_subjects=batch_subjects,
+                                  images_per_subject=images_per_subject, seed=seed,
+                                  num_workers=workers)
+    next(loader)  # start-up and compilation are not data wait
+    wait = busy = 0.0
+    for _ in tqdm(range(batches), desc=f"data wait, step {step_seconds} s"):
+        t0 = time.perf_counter()
+        next(loader)
+        t1 = time.perf_counter()
+        _busy(step_seconds)
+        wait, busy = wait + t1 - t0, busy + time.perf_counter() - t1
+    del loader
+    return dict(kind="data_wait", workers=workers, batch=batch_subjects * images_per_subject,
+                step_s=step_seconds, batches=batches,
+                wait_s_per_step=round(wait / batches, 3),
+                wait_fraction=round(wait / (wait + busy), 3))
+
+
 def write_grid(model, config, path: str, seed: int, subjects: int = 4, images: int = 4,
                tile: int = 112):
     """Rows = subjects (first images of TRAIN_SUBJECTS), columns = their images; the last
@@ -119,6 +153,8 @@ def main():
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", default=None, help="write a PNG grid of samples here")
+    parser.add_argument("--step-seconds", type=float, nargs="*", default=[],
+                        help="simulated CPU step times for the data-wait measurement")
     args = parser.parse_args()
 
     model = flame_jax.synthetic()
@@ -137,6 +173,10 @@ def main():
             print(json.dumps(measure_loader(model, config, workers, args.batch_subjects,
                                             args.images_per_subject[0], args.batches,
                                             args.seed)), flush=True)
+    for step in args.step_seconds:
+        print(json.dumps(measure_data_wait(model, config, step, args.workers[0],
+                                           args.batch_subjects, args.images_per_subject[0],
+                                           args.batches, args.seed)), flush=True)
 
 
 if __name__ == "__main__":
