@@ -120,3 +120,23 @@ def test_faceless_photos_give_no_face(detector):
     data = pytest.importorskip("skimage.data")
     assert detector(data.coffee()) == []
     assert detector(np.full((120, 160, 3), 128, np.uint8)) == []
+
+
+def two_faces_image():
+    """The astronaut beside a half-size copy of herself: (512, 768, 3) uint8."""
+    from PIL import Image
+
+    data = pytest.importorskip("skimage.data")
+    big = data.astronaut()
+    small = np.asarray(Image.fromarray(big).resize((256, 256), Image.Resampling.LANCZOS))
+    canvas = np.full((512, 768, 3), 235, np.uint8)
+    canvas[:, :512] = big
+    canvas[128:384, 512:] = small
+    return canvas
+
+
+def test_several_faces_largest_first(detector):
+    faces = detector(two_faces_image())
+    assert len(faces) == 2
+    assert faces[0].box_size > 1.6 * faces[1].box_size
+    assert (faces[0].box[0] + faces[0].box[2]) / 2 < 512 < (faces[1].box[0] + faces[1].box[2]) / 2

@@ -170,3 +170,31 @@ def test_flame_model_file_without_albedo_borrows_the_builtin_one(tmp_path):
     np.testing.assert_allclose(reconstructor.model.v_template, bare.v_template)
     np.testing.assert_array_equal(reconstructor.assets.albedo_mean, builtin.albedo_mean)
     assert float(reconstructor.assets.face_region.sum()) > 1000
+
+
+def two_faces_image():
+    """The astronaut beside a half-size copy of herself (as in test_detect.py)."""
+    big = skimage_data.astronaut()
+    small = np.asarray(Image.fromarray(big).resize((256, 256), Image.Resampling.LANCZOS))
+    canvas = np.full((512, 768, 3), 235, np.uint8)
+    canvas[:, :512] = big
+    canvas[128:384, 512:] = small
+    return canvas
+
+
+def test_all_faces_writes_one_set_per_face(tmp_path, monkeypatch):
+    Image.fromarray(two_faces_image()).save(tmp_path / "pair.png")
+    fake = FakePredictor()
+    monkeypatch.setattr(predict, "load_regressor", lambda path: fake)
+    out = tmp_path / "out"
+    common = [str(tmp_path / "pair.png"), "--checkpoint", str(tmp_path)]
+    assert predict.main(common + ["--out", str(out), "--all-faces"]) == 0
+    boxes = [json.loads((out / f"pair_face{i}.json").read_text())["box"] for i in (0, 1)]
+    assert boxes[0][2] - boxes[0][0] > boxes[1][2] - boxes[1][0]  # largest first
+    for i in (0, 1):
+        assert (out / f"pair_face{i}.glb").exists() and (out / f"pair_face{i}_overlay.png").exists()
+    assert not (out / "pair.json").exists()
+    single = tmp_path / "single"
+    assert predict.main(common + ["--out", str(single)]) == 0
+    assert json.loads((single / "pair.json").read_text())["box"] == boxes[0]
+    assert not (single / "pair_face1.json").exists()
