@@ -42,8 +42,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.seed = 0                         # initialisation and the per-step RNG
     config.cache_dir = ""                   # '' -> $FACERECON_CACHE_DIR or ~/.cache/facerecon_jax
 
-    # The FLAME model: '' = flame_jax.synthetic() (built in); else a file for flame_jax.load.
-    config.flame_path = ""
+    # The FLAME model: path '' = flame_jax.synthetic() (built in); else files for flame_jax.load.
+    config.flame = ml_collections.ConfigDict()
+    config.flame.path = ""
+    config.flame.masks = ""
+    config.flame.texture = ""
 
     config.model = ml_collections.ConfigDict()
     config.model.stages = (2, 2, 2, 2)      # IResNet blocks per stage (IResNet-100: 3, 13, 30, 3)

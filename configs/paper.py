@@ -2,7 +2,9 @@
 
     python train.py --config configs/paper.py --workdir runs/paper \
         --config.model.arcface_path=/path/to/glintr100.onnx \
-        --config.flame_path=/path/to/FLAME2020/generic_model.pkl \
+        --config.flame.path=/path/to/FLAME2020/generic_model.pkl \
+        --config.flame.masks=/path/to/FLAME_masks.pkl \
+        --config.flame.texture=/path/to/FLAME_texture.npz \
         --config.data.root=/path/to/MICA/datasets \
         --config.data.names='("FaceWarehouse", "LYHM", "Stirling", "FLORENCE")'
 
@@ -12,7 +14,8 @@ head train. The same ArcFace network, frozen, is the recognition network of the 
 (`recognition_arcface_path` follows `model.arcface_path` unless set). AdamW lr 1e-5, weight
 decay 2e-4, constant; batch 8 subjects x 2 images; 160k steps; 224 x 224 crops (the backbone
 sees them resized to 112); the paper's loss weights (w3d 0.4, w2d 0.6, vertex 0.5, 3D-ID 0.5)
-and DECA's 2D weights; MICA-format data (`data.root`, `data.names`), FLAME 2020 (`flame_path`).
+and DECA's 2D weights; MICA-format data (`data.root`, `data.names`), FLAME 2020 with its masks and texture
+(`flame.path`, `flame.masks`, `flame.texture`).
 
 Without those files it stops at once with one error naming every missing entry.
 The 3D-ID loss's CoMA encoder: trained on synthetic heads and cached as in configs/default.py,
@@ -36,7 +39,9 @@ def get_config(arg: str = ""):
     if arg not in ("", "smoke"):
         raise ValueError(f"configs/paper.py: unknown argument {arg!r}; use '' or 'smoke'")
     config = _default_config(arg)
-    config.flame_path = ""                      # required: FLAME 2020 generic_model.pkl
+    config.flame.path = ""                      # required: FLAME 2020 generic_model.pkl
+    config.flame.masks = ""                     # required: FLAME_masks.pkl
+    config.flame.texture = ""                   # FLAME_texture.npz (the 2D losses' albedo)
 
     config.model.stages = (3, 13, 30, 3)        # IResNet-100
     config.model.width = 64

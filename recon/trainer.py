@@ -293,7 +293,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, options: Ste
         params = optax.apply_updates(state.params, updates)
         proposed = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         # Finite trainable gradients <=> finite norm; the frozen ones are never computed.
-        grad_norm = optax.global_norm(
+        grad_norm = optax.tree.norm(
             [g for g, keep in zip(jax.tree.leaves(grads), trainable_leaves) if keep])
         new_state = guard.guarded_update(state, proposed, loss, state.step + 1,
                                          also_check=grad_norm)
@@ -424,17 +424,18 @@ def create_state(model, imported, optimizer_fn, seed: int) -> TrainState:
 
 
 def make_eval_step(model, options: StepOptions) -> Callable:
-    """`eval_step(state, assets, batch) -> (metrics, per_example, images)`.
+    """`eval_step(state, assets, batch) -> (metrics, per_example)`.
 
-    metrics: the objective's batch means (fixed RNG); per_example: {vertex_error_mm,
-    mean_face_vertex_error_mm} (B,) after a rigid alignment (`recon.evaluation`); images: what
-    the PNG grid draws (render image and alpha, predicted 2D landmarks). Always renders.
+    metrics: the objective's batch means with the training weights (fixed RNG; renders only
+    when an image term is on); per_example: {vertex_error_mm, mean_face_vertex_error_mm} (B,)
+    after a rigid alignment (`recon.evaluation`).
     """
 
     def eval_step(state: TrainState, assets, batch: Batch):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         code = split_code(model.apply(variables, batch.backbone_images, train=False))
-        settings = options.render_settings()
+        settings = (options.render_settings() if objective_lib.needs_render(options.weights)
+                    else None)
         prediction = objective_lib.predict(code, assets, batch, render_settings=settings,
                                            sigma=options.sigma)
         _, metrics = objective_lib.objective(
@@ -447,31 +448,41 @@ def make_eval_step(model, options: StepOptions) -> Callable:
                                                               batch.vertices),
             "mean_face_vertex_error_mm": evaluation_lib.vertex_error_mm(template,
                                                                         batch.vertices)}
-        images = {"render": prediction.render.image, "alpha": prediction.render.alpha,
-                  "landmarks_2d": prediction.landmarks_2d}
-        return metrics, per_example, images
+        return metrics, per_example
 
     return eval_step
 
 
-def evaluate(eval_step: Callable, state: TrainState, assets, batches, mesh) -> Tuple[dict, dict]:
+def make_image_step(model, options: StepOptions) -> Callable:
+    """`image_step(state, assets, batch) -> {render, alpha, landmarks_2d}` for the PNG grid."""
+
+    def image_step(state: TrainState, assets, batch: Batch):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        code = split_code(model.apply(variables, batch.backbone_images, train=False))
+        prediction = objective_lib.predict(code, assets, batch,
+                                           render_settings=options.render_settings(),
+                                           sigma=options.sigma)
+        return {"render": prediction.render.image, "alpha": prediction.render.alpha,
+                "landmarks_2d": prediction.landmarks_2d}
+
+    return image_step
+
+
+def evaluate(eval_step: Callable, state: TrainState, assets, batches, mesh) -> dict:
     """Held-out summary over `batches` (host numpy dicts of this process's rows).
 
-    Returns ({vertex_error_mm, mean_face_vertex_error_mm, vertex_error_mm_median, every loss
-    term (mean over batches), num_examples}, the first batch's images as numpy for the PNG).
-    The 3D errors are means over examples (every batch has the same size).
+    Returns {vertex_error_mm, vertex_error_mm_median, mean_face_vertex_error_mm, every loss
+    term (mean over batches), num_examples}. The 3D errors are means over examples (every batch
+    has the same size).
     """
-
-    sums, errors, mean_face_errors, first_images = {}, [], [], None
+    sums, errors, mean_face_errors = {}, [], []
     for host_batch in batches:
         batch = sharding.shard_batch(_to_batch(host_batch), mesh)
-        metrics, per_example, images = jax.device_get(eval_step(state, assets, batch))
+        metrics, per_example = jax.device_get(eval_step(state, assets, batch))
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + float(value)
         errors.append(np.asarray(per_example["vertex_error_mm"]))
         mean_face_errors.append(np.asarray(per_example["mean_face_vertex_error_mm"]))
-        if first_images is None:
-            first_images = {name: np.asarray(value) for name, value in images.items()}
     errors, mean_face_errors = np.concatenate(errors), np.concatenate(mean_face_errors)
     summary = {name: value / len(batches) for name, value in sorted(sums.items())}
     summary.update({
@@ -479,7 +490,7 @@ def evaluate(eval_step: Callable, state: TrainState, assets, batches, mesh) -> T
         "vertex_error_mm_median": float(np.median(errors)),
         "mean_face_vertex_error_mm": float(mean_face_errors.mean()),
         "num_examples": int(errors.size)})
-    return summary, first_images
+    return summary
 
 
 def write_prediction_grid(path, host_batch: dict, images: dict, max_rows: int = 4) -> None:
@@ -497,7 +508,7 @@ def write_prediction_grid(path, host_batch: dict, images: dict, max_rows: int = 
 # The run.
 
 
-TOP_LEVEL_KEYS = ("task", "seed", "cache_dir", "flame_path", "model", "recognition_arcface_path",
+TOP_LEVEL_KEYS = ("task", "seed", "cache_dir", "flame", "model", "recognition_arcface_path",
                   "optim", "loss", "data", "coma_checkpoint_dir", "coma", "steps", "log_every",
                   "checkpoint_every", "eval_every", "image_every", "eval_batch_size",
                   "max_checkpoints")
@@ -519,6 +530,7 @@ def _read_options(config) -> dict:
         "optim": to_dataclass(config.optim, OptimOptions, prefix="optim"),
         "data": to_dataclass(config.data, DataOptions, prefix="data"),
         "weights": to_dataclass(config.loss, objective_lib.LossWeights, prefix="loss"),
+        "flame": to_dataclass(config.flame, FlameOptions, prefix="flame"),
     }
     data = options["data"]
     if loop.eval_batch_size % data.images_per_subject:
@@ -547,8 +559,9 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     loop, data_options = options["loop"], options["data"]
     log = print if jax.process_index() == 0 else (lambda *_: None)
 
+    check_inputs(config)
     cache_dir = config.cache_dir
-    flame = load_flame(config.flame_path)
+    flame = load_flame(options["flame"])
     encoder = None
     if options["weights"].on("id_3d"):
         encoder = ensure_coma_encoder(config.coma, checkpoint_dir=config.coma_checkpoint_dir,
@@ -572,6 +585,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                seed=int(config.seed))
     train_step = jit_train_step(make_train_step(model, optimizer, step_options, labels), mesh)
     eval_step = jit_eval_step(make_eval_step(model, step_options), mesh)
+    image_step = jit_eval_step(make_image_step(model, step_options), mesh)
     assets = sharding.replicate(assets_host, mesh)
 
     config_dict = checkpoints_lib.plain_config(config)
@@ -592,20 +606,28 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     eval_batches = make_eval_batches(flame, data_options, loop.eval_batch_size, cache_dir)
     evaluation_history = _read_json(workdir / "evaluation_history.json", default=[])
 
+    def write_grid(name: str, step: int, state: TrainState, host_batch: dict, batch) -> None:
+        images = jax.device_get(image_step(state, assets, batch))
+        if jax.process_index() == 0:
+            write_prediction_grid(workdir / "images" / f"{name}_{step:06d}.png", host_batch,
+                                  images)
+
     def run_evaluation(step: int, state: TrainState) -> dict:
-        summary, images = evaluate(eval_step, state, assets, eval_batches, mesh)
-        summary = {"step": step, **summary}
+        summary = {"step": step, **evaluate(eval_step, state, assets, eval_batches, mesh)}
         if jax.process_index() == 0:
             write_json(workdir / "evaluation.json", summary)
             history = [entry for entry in evaluation_history if entry["step"] < step]
             evaluation_history[:] = history + [summary]
             write_json(workdir / "evaluation_history.json", evaluation_history)
-            write_prediction_grid(workdir / "images" / f"eval_{step:06d}.png", eval_batches[0],
-                                  images)
+        if loop.image_every > 0:
+            write_grid("eval", step, state, eval_batches[0],
+                       sharding.shard_batch(_to_batch(eval_batches[0]), mesh))
+        log(f"step {step}: held-out vertex error {summary['vertex_error_mm']:.3f} mm (mean "
+            f"face {summary['mean_face_vertex_error_mm']:.3f} mm)")
         return summary
 
     if start_step == 0 and loop.eval_every > 0:
-        log(f"step 0: held-out {run_evaluation(0, state)['vertex_error_mm']:.3f} mm")
+        run_evaluation(0, state)
     writer = MetricsWriter(workdir, total_steps=loop.steps, initial_step=start_step,
                            desc="regressor", postfix=("loss", "vertex_mm", "data_wait_fraction"))
     summary = None
@@ -631,18 +653,13 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                 checkpointer.save(step, state, extra={"data": loader.get_state().decode()})
             if _due(step, loop.eval_every, loop.steps):
                 summary = run_evaluation(step, state)
-            if (loop.image_every > 0 and step % loop.image_every == 0
-                    and jax.process_index() == 0):
-                _, _, images = jax.device_get(eval_step(state, assets, batch))
-                write_prediction_grid(workdir / "images" / f"train_{step:06d}.png", host_batch,
-                                      images)
+            if loop.image_every > 0 and step % loop.image_every == 0:
+                write_grid("train", step, state, host_batch, batch)
     finally:
         writer.close()
         checkpointer.close()
     if summary is None:  # resumed at the last step: evaluate the restored state
         summary = run_evaluation(loop.steps, state)
-    log(f"held-out vertex error {summary['vertex_error_mm']:.3f} mm (mean face "
-        f"{summary['mean_face_vertex_error_mm']:.3f} mm)")
     return summary
 
 
@@ -663,14 +680,76 @@ def _read_json(path, default):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_flame(path: str) -> flame_jax.FlameModel:
-    """'' -> the built-in `flame_jax.synthetic()`; else `flame_jax.load(path)` (errors name it)."""
-    if not path:
+@dataclasses.dataclass(frozen=True)
+class FlameOptions:
+    """The FLAME model: path '' = the built-in `flame_jax.synthetic()`; else `flame_jax.load`
+    of path (FLAME 2020 generic_model.pkl, flame2023_Open.pkl or our .npz) with the optional
+    masks (FLAME_masks.pkl: the vertex loss's regions) and texture (FLAME_texture.npz: the
+    albedo the 2D losses render) files."""
+
+    path: str = ""
+    masks: str = ""
+    texture: str = ""
+
+
+def load_flame(options: FlameOptions) -> flame_jax.FlameModel:
+    """The FLAME model of `options` (errors name the file)."""
+    if not options.path:
+        if options.masks or options.texture:
+            raise ValueError("flame.masks / flame.texture need flame.path (the built-in model "
+                             "has its own)")
         return flame_jax.synthetic()
-    if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"flame_path {path} does not exist: bring a FLAME model file "
-                                f"(generic_model.pkl, flame2023_Open.pkl or our .npz)")
-    return flame_jax.load(path)
+    return flame_jax.load(options.path, masks=options.masks or None,
+                          texture=options.texture or None)
+
+
+def check_inputs(config) -> None:
+    """Fail before any work when files the config needs are not given or do not exist.
+
+    Raises FileNotFoundError listing every missing entry with the config key that names it.
+    """
+    missing = []
+
+    def need_file(key: str, value: str, what: str) -> None:
+        if not value:
+            missing.append(f"{key} is not set: {what}")
+        elif not pathlib.Path(value).exists():
+            missing.append(f"{key} = {value!r} does not exist: {what}")
+
+    model, data, loss = config.model, config.data, config.loss
+    if model.trainable == "last_stage" or model.arcface_path:
+        need_file("model.arcface_path", model.arcface_path,
+                  "ArcFace weights (insightface glintr100.onnx / w600k_r50.onnx or an "
+                  "arcface_torch backbone.pth); the paper trains only the last stage of them")
+    if loss.identity > 0 and loss.w2d > 0:
+        need_file("recognition_arcface_path", config.recognition_arcface_path,
+                  "the frozen face-recognition network of the identity loss (ArcFace weights), "
+                  "or switch the term off with --config.loss.identity=0.0")
+    if data.source == "mica":
+        need_file("data.root", data.root, "the MICA-format dataset root (PAPER.md, 'Data')")
+        if not data.names:
+            missing.append("data.names is empty: the dataset names under data.root, e.g. "
+                           "'(\"FaceWarehouse\", \"LYHM\")'")
+        need_file("flame.path", config.flame.path,
+                  "MICA's registrations are FLAME 2020 meshes: FLAME 2020 generic_model.pkl")
+    for key in ("path", "masks", "texture"):
+        value = config.flame[key]
+        if value and not pathlib.Path(value).exists():
+            missing.append(f"flame.{key} = {value!r} does not exist")
+    if config.flame.path and not config.flame.masks and not str(config.flame.path).endswith(
+            ".npz"):
+        missing.append("flame.masks is not set: the vertex loss's face/eye/ear regions "
+                       "(FLAME_masks.pkl)")
+    renders = (loss.photometric > 0 or loss.identity > 0) and loss.w2d > 0
+    if (config.flame.path and renders and not config.flame.texture
+            and not str(config.flame.path).endswith(".npz")):
+        missing.append("flame.texture is not set: the 2D losses render the albedo "
+                       "(FLAME_texture.npz)")
+    if config.coma_checkpoint_dir and not pathlib.Path(config.coma_checkpoint_dir).is_dir():
+        missing.append(f"coma_checkpoint_dir = {config.coma_checkpoint_dir!r} does not exist")
+    if missing:
+        raise FileNotFoundError("the config needs files that are not here:\n  - "
+                                + "\n  - ".join(missing))
 
 
 def make_objective_assets(flame, encoder, weights, recognition_arcface_path: str):
@@ -833,3 +912,100 @@ def make_eval_batches(flame, options: DataOptions, eval_batch_size: int,
         offset = start + jax.process_index() * per_process
         batches.append({name: value[offset:offset + per_process] for name, value in flat.items()})
     return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# The trained regressor for photos and NoW export.
+
+# iBUG-68 indices of NoW's 7 scan landmarks (right-eye outer/inner, left-eye inner/outer, nose
+# bottom, right/left mouth corner) = static-51 indices [19, 22, 25, 28, 16, 31, 37] + 17.
+NOW_LANDMARKS_68 = (36, 39, 42, 45, 33, 48, 54)
+
+
+def code_to_mesh(flame: flame_jax.FlameModel, code: Code, *, neutral: bool = True
+                 ) -> Tuple[Array, Array]:
+    """(vertices (B, V, 3), landmarks7 (B, 7, 3)) in metres of a `Code` through FLAME.
+
+    neutral: the identity with zero pose and expression (what NoW scores and what the 3D losses
+    train), else the posed head of the image. landmarks7: NoW's 7 points (`NOW_LANDMARKS_68`) on
+    that mesh.
+    """
+    params = code.neutral_flame_params() if neutral else code.flame_params()
+    output = flame_jax.forward(flame, params)
+    return output.vertices, output.landmarks[:, list(NOW_LANDMARKS_68)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A trained regressor: `predictor(images_224) -> Code`.
+
+    images_224: (B, 224, 224, 3) float32 RGB in [0, 1], the face crop (NoW/DECA crop: 1.6 x
+    the detector box around its centre, `recon.photo`); resized to the backbone's 112 x 112
+    (2 x 2 box average) and ArcFace-normalised inside. `mesh(code)` gives (vertices,
+    landmarks7) through `code_to_mesh`. flame: the FLAME model the run trained with; step: the
+    checkpoint's step; workdir: where it came from.
+    """
+
+    apply: Callable
+    variables: dict
+    flame: flame_jax.FlameModel
+    step: int
+    workdir: str
+
+    def __call__(self, images_224) -> Code:
+        images = jnp.asarray(images_224)
+        if images.ndim != 4 or images.shape[1:] != (224, 224, 3):
+            raise ValueError(f"predict expects (B, 224, 224, 3) images in [0, 1], got shape "
+                             f"{images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"predict expects float images in [0, 1], got dtype {images.dtype}")
+        return self.apply(self.variables, images.astype(jnp.float32))
+
+    def mesh(self, code: Code, *, neutral: bool = True) -> Tuple[Array, Array]:
+        return _code_to_mesh_jit(self.flame, code, neutral=neutral)
+
+
+_code_to_mesh_jit = jax.jit(code_to_mesh, static_argnames="neutral")
+
+
+def load_predictor(workdir, *, step: Optional[int] = None) -> Predictor:
+    """The regressor of a training workdir (its latest checkpoint, or `step`).
+
+    Raises FileNotFoundError naming the workdir when it holds no checkpoint or no config.json.
+    """
+    workdir = pathlib.Path(workdir)
+    checkpoint_dir = workdir / CHECKPOINT_DIR
+    steps = sorted(int(path.name) for path in checkpoint_dir.iterdir()
+                   if path.name.isdigit()) if checkpoint_dir.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(
+            f"{workdir} holds no regressor checkpoint (expected {checkpoint_dir}/<step>/, "
+            f"written by `python train.py --config configs/default.py --workdir {workdir}`)")
+    config_path = workdir / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: the workdir's checkpoints cannot be "
+                                f"read without the config of the run that wrote them")
+    import ml_collections
+
+    config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    config = ml_collections.ConfigDict(config_dict)
+    options = _read_options(config)
+    # The architecture only: the weights come from the checkpoint, not from arcface_path.
+    model_options = dataclasses.replace(options["model"], arcface_path="")
+    model, _ = build_model(model_options)
+    optimizer_fn = functools.partial(make_optimizer, model_options=model_options,
+                                     optim=options["optim"], steps=options["loop"].steps)
+    target = create_state(model, None, optimizer_fn, int(config.seed))
+    with checkpoints_lib.RunCheckpointer(checkpoint_dir, config=config_dict,
+                                         ignore_keys=RESUME_IGNORED_KEYS) as checkpointer:
+        step = checkpointer.latest_step() if step is None else int(step)
+        state, _ = checkpointer.restore(step, target)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    @jax.jit
+    def apply(variables, images):
+        backbone_images = backbone_lib.backbone_input_from_crop_jax(images, max_value=1.0)
+        return split_code(model.apply(variables, backbone_images, train=False))
+
+    return Predictor(apply=apply, variables=variables, flame=load_flame(options["flame"]),
+                     step=int(step), workdir=str(workdir))
