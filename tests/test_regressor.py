@@ -86,8 +86,18 @@ def test_labels_name_trainable_and_frozen_paths():
         regressor.trainable_labels({"head": {}})
 
 
-@pytest.mark.parametrize("batch_norm_train_parts", [(), ("stage4",)])
-def test_optimizer_step_changes_only_trainable_and_no_frozen_batch_stats(batch_norm_train_parts):
+def test_default_backbone_never_updates_batch_stats_in_train_mode():
+    model, variables, images = _init()
+    _, mutated = jax.jit(lambda v: model.apply(v, images, train=True, mutable=["batch_stats"]))(
+        variables)
+    for old, new in zip(jax.tree.leaves(variables["batch_stats"]),
+                        jax.tree.leaves(mutated["batch_stats"])):
+        np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_optimizer_step_changes_only_trainable_and_no_frozen_batch_stats():
+    # stage4 uses batch statistics in train mode: its statistics move, no frozen part's does.
+    batch_norm_train_parts = ("stage4",)
     model, variables, images = _init(batch_norm_train_parts)
     params, stats = variables["params"], variables["batch_stats"]
     optimizer = regressor.make_optimizer(params, learning_rate=1e-2, weight_decay=1e-2)
