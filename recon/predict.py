@@ -99,7 +99,14 @@ class Reconstructor:
         if not fit and predictor is None:
             raise ValueError("nothing to do: fit=False and no predictor")
         synthetic = flame_jax.synthetic()
-        self.model = flame_jax.load(flame_model_path) if flame_model_path else synthetic
+        # The FLAME model decoding the codes: the given file, else the one the regressor was
+        # trained with (`recon.trainer.Predictor.flame`), else the built-in one.
+        if flame_model_path:
+            self.model = flame_jax.load(flame_model_path)
+        elif getattr(predictor, "flame", None) is not None:
+            self.model = predictor.flame
+        else:
+            self.model = synthetic
         self.assets = fitting.make_assets(self.model, albedo_source=synthetic)
         self.fit = fit
         self.predictor = predictor
@@ -293,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default=None,
                         help="trained regressor directory (recon.trainer.load_predictor)")
     parser.add_argument("--flame-model", default=None,
-                        help="FLAME model file for flame_jax.load (default: the built-in "
-                             "synthetic FLAME)")
+                        help="FLAME model file for flame_jax.load (default: the regressor's "
+                             "own FLAME with --checkpoint, else the built-in synthetic FLAME)")
     parser.add_argument("--all-faces", action="store_true",
                         help="reconstruct every face (<stem>_face<i>) instead of the largest")
     for name, default in (("rigid", 100), ("landmark", 200), ("appearance", 40),

@@ -143,6 +143,11 @@ def test_missing_checkpoint_and_source_are_clear_errors(tmp_path, capsys):
     assert predict.main([str(tmp_path), "--out", str(tmp_path / "o"), "--checkpoint",
                          str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert predict.main([str(tmp_path), "--out", str(tmp_path / "o"), "--checkpoint",
+                         str(empty)]) == 2  # recon.trainer.load_predictor: no checkpoint there
+    assert "empty_run" in capsys.readouterr().err
     assert predict.main([str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.png" in capsys.readouterr().err
     assert predict.main([str(tmp_path), "--out", str(tmp_path / "o")]) == 2  # empty folder
@@ -198,3 +203,13 @@ def test_all_faces_writes_one_set_per_face(tmp_path, monkeypatch):
     assert predict.main(common + ["--out", str(single)]) == 0
     assert json.loads((single / "pair.json").read_text())["box"] == boxes[0]
     assert not (single / "pair_face1.json").exists()
+
+
+def test_regressor_flame_model_decodes_its_codes():
+    import flame_jax
+
+    fake = FakePredictor()
+    fake.flame = flame_jax.synthetic()
+    fake.flame = fake.flame.replace(v_template=fake.flame.v_template * 1.01)
+    reconstructor = predict.Reconstructor(fit=False, predictor=fake)
+    assert reconstructor.model is fake.flame
