@@ -7,7 +7,11 @@ wheel ships the BlazeFace and face-mesh `.tflite` models, so nothing is download
   2. For each box, the face mesh (`FaceMesh(static_image_mode=True, refine_landmarks=True)`, 478
      points) runs on the box's 1.6x square crop, so every landmark set belongs to its box.
   3. `MEDIAPIPE_TO_IBUG68` picks the 68 iBUG points from the 478 (indices are facts about the
-     two layouts, checked by plotting them on scikit-image's astronaut, `docs/`).
+     two layouts, as in the public mediapipe -> 68 tables; we checked each one by plotting it on
+     scikit-image's astronaut, and tests/test_detect.py checks their iBUG order on that photo).
+
+Alternative not built here: dlib (`dlib-bin` + `face-recognition-models`) gives the iBUG-68 points
+directly (HOG detector, frontal faces only; its 68-point weights are for non-commercial use).
 
 Jaw contour: iBUG's 17 contour points lie on the face's outline as seen in the image, and FLAME's
 dynamic contour embedding follows the same silhouette-like curve for the head's yaw. MediaPipe's
