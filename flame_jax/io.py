@@ -24,8 +24,8 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from flame_jax import shipped
-from flame_jax.auxiliary import (landmark_arrays, load_dynamic_landmarks, load_landmark_embedding,
-                                 load_masks, load_mediapipe, load_static_landmarks, mask_arrays,
+from flame_jax.auxiliary import (landmark_arrays, load_dynamic_landmarks, load_masks,
+                                 load_mediapipe, load_static_landmarks, mask_arrays,
                                  mediapipe_arrays)
 from flame_jax.errors import FlameFileError, FlameFileNotFoundError
 from flame_jax.fileio import NPY_MAGIC, ZIP_MAGIC, atomic_write, read_npz, sniff
@@ -33,6 +33,7 @@ from flame_jax.model import FLAME_PARENTS, FlameModel, from_numpy, required_arra
 from flame_jax.safe_pickle import (DEFAULT_ALLOWED_GLOBALS, ChumpyStandIn, SparseStandIn,
                                    chumpy_to_numpy, load_npy, load_pickle_file,
                                    restricted_unpickle)
+from flame_jax.shipped import load_landmark_embedding  # path defaults to the shipped file
 from flame_jax.texture import load_texture, sample_uv_bilinear
 from flame_jax.validate import as_array, check_count, check_index_range, require_keys
 
@@ -41,9 +42,9 @@ PathLike = Union[str, os.PathLike]
 NUM_IDENTITY_COMPONENTS = 300  # official shapedirs: first 300 identity, the rest expression
 NUM_POSE_FEATURES = 36  # 4 non-root joints x 9 entries of (R - I)
 
-
 _OFFICIAL_KEYS = ("v_template", "f", "shapedirs", "posedirs", "weights", "J_regressor",
                   "kintree_table")
+
 
 def _parents_from_kintree(kintree: np.ndarray, source: str) -> tuple:
     parents = kintree[0].astype(np.int64)
