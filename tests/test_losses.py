@@ -145,7 +145,8 @@ def test_identity_loss_matches_numpy_and_freezes_the_network():
     got = jax.jit(lambda v, r, i: losses.identity_loss(network, v, r, i))(
         variables, rendered, images)
     apply = jax.jit(network.apply)
-    a, b = np.asarray(apply(variables, rendered * 2 - 1)), np.asarray(apply(variables, images * 2 - 1))
+    a = np.asarray(apply(variables, rendered * 2 - 1))
+    b = np.asarray(apply(variables, images * 2 - 1))
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     np.testing.assert_allclose(np.asarray(got), 1 - cos, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(losses.identity_loss(network, variables, images,

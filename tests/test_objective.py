@@ -13,7 +13,7 @@ import pytest
 
 import flame_jax
 import spectral_gcn
-from recon import objective, regressor, render, types
+from recon import camera, losses, objective, regressor, types
 from recon.rasterizer import RasterSettings
 
 SIZE = 64
@@ -67,7 +67,6 @@ def batch(assets):
 
     @jax.jit
     def make(code, assets):
-        from recon import camera
         posed = flame_jax.forward(assets.flame, code.flame_params())
         neutral = flame_jax.forward(assets.flame, code.neutral_flame_params()).vertices
         landmarks = camera.project_to_pixels(posed.landmarks, code.camera, (SIZE, SIZE))[..., :2]
@@ -246,7 +245,6 @@ def test_has_3d_masks_the_3d_terms(assets, batch, predict_fn):
                                                   images_per_subject=K)[1]["vertex_mm"])
     full = float(fn(prediction, batch))
     first_only = float(fn(prediction, batch.replace(has_3d=jnp.asarray([1.0, 0, 0, 0]))))
-    from recon import losses
     per_example = np.asarray(losses.vertex_loss_mm(prediction.neutral_vertices, batch.vertices,
                                                    assets.region_weights))
     np.testing.assert_allclose(full, per_example.mean(), rtol=1e-5)
