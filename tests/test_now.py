@@ -436,3 +436,35 @@ def test_checkpoint_predictor_error_is_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "recon.trainer", None)
     with pytest.raises(RuntimeError, match="recon.trainer.load_predictor"):
         predict.load_checkpoint_predictor("runs/default")
+
+
+def test_synthetic_split_has_the_now_layout_and_scores_its_ground_truth(tmp_path):
+    from recon.now import synthetic
+
+    config = synthetic.SyntheticNowConfig(
+        num_val_subjects=1, num_test_subjects=1, image_size=64, subdivisions=1,
+        images_per_challenge=tuple((c, 1) for c in now.CHALLENGES))
+    root = synthetic.ensure_synthetic_split(config, root=tmp_path / "split", progress=False)
+    assert synthetic.ensure_synthetic_split(config, root=root) == root  # cached: no rebuild
+    val = now_io.read_image_list(root / "imagepathsvalidation.txt")
+    test = now_io.read_image_list(root / "imagepathstest.txt")
+    assert [e.challenge for e in val] == list(now.CHALLENGES) and len(test) == 4
+    assert {e.subject for e in val}.isdisjoint({e.subject for e in test})
+    for entry in val + test:
+        image = predict.read_image(root / now_io.IMAGES_DIR / entry.subject / entry.challenge
+                                   / entry.image)
+        box = now_io.read_face_box(root / now_io.FACE_BOXES_DIR / entry.relative(".npy"))
+        assert image.shape == (64, 64, 3)
+        assert 0 <= box["left"] < box["right"] <= 64 and 0 <= box["top"] < box["bottom"] <= 64
+        # The face is brighter/different from the background inside the box on average.
+        assert predict.load_crop(root, entry).shape == (224, 224, 3)
+    with pytest.raises(now.NowFileError, match="expected one"):
+        now_io.find_scan(root, test[0].subject)  # test scans are not public
+    scan_path, pp_path = now_io.find_scan(root, val[0].subject)
+    scan, scan_faces = now_io.read_mesh(scan_path)
+    truth = np.load(root / synthetic.GROUND_TRUTH_DIR / f"{val[0].subject}.npz")
+    score = protocol.score_prediction(scan, now_io.read_pp(pp_path), truth["vertices_m"],
+                                      truth["faces"], truth["landmarks7_m"])
+    # Only the 0.2 mm scan noise remains: median |normal component| = 0.6745 sigma.
+    assert np.median(score.distances_mm) == pytest.approx(0.6745 * config.scan_noise_mm, rel=0.15)
+    assert len(score.distances_mm) > 1000

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -48,6 +49,7 @@ class MethodResults:
     missing: list
     options: ScoreOptions
     split: str
+    cpu_seconds: float = 0.0  # summed per-image CPU time (load-independent cost)
 
     def all_distances(self, challenge: Optional[str] = None) -> np.ndarray:
         arrays = [d for key, d in self.per_image.items()
@@ -80,15 +82,23 @@ def score_image(scan_path: str, pp_path: str, mesh_path: str, landmarks_path: st
 
 
 def _score_task(args):
+    """(key, distances, CPU seconds of this image in its process)."""
     key, paths, options = args
-    return key, score_image(*paths, options)
+    start = time.process_time()
+    distances = score_image(*paths, options)
+    return key, distances, time.process_time() - start
 
 
 # ----------------------------------------------------------------------------- a folder
 
 def _pool_context():
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # The fork server imports only the scorer (numpy, scipy, libigl), not the caller's
+        # __main__ (which may import JAX); workers fork from it with those modules loaded.
+        context.set_forkserver_preload(["recon.now.scoring"])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def make_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
@@ -132,14 +142,15 @@ def evaluate_predictions(root: os.PathLike, predictions: os.PathLike, *, split: 
         scan_path, pp_path = scans[entry.subject]
         tasks.append((entry.key, (str(scan_path), str(pp_path), str(mesh_path),
                                   str(landmarks_path)), options))
-    per_image = {}
+    per_image, cpu_seconds = {}, 0.0
     workers = default_workers() if workers is None else workers
     bar = _progress(len(tasks), label or predictions.name, progress)
     try:
         if pool is None and (workers <= 1 or len(tasks) <= 1):
             for task in tasks:
-                key, distances = _score_task(task)
+                key, distances, seconds = _score_task(task)
                 per_image[key] = distances
+                cpu_seconds += seconds
                 bar.update(1)
         else:
             own_pool = pool is None
@@ -147,8 +158,9 @@ def evaluate_predictions(root: os.PathLike, predictions: os.PathLike, *, split: 
             try:
                 # map submits in the subject-sorted order, so workers meet each scan in runs
                 # (their scan cache hits); chunks of 1 keep the bar honest.
-                for key, distances in pool.map(_score_task, tasks, chunksize=1):
+                for key, distances, seconds in pool.map(_score_task, tasks, chunksize=1):
                     per_image[key] = distances
+                    cpu_seconds += seconds
                     bar.update(1)
             finally:
                 if own_pool:
@@ -158,7 +170,7 @@ def evaluate_predictions(root: os.PathLike, predictions: os.PathLike, *, split: 
     challenges = {e.key: e.challenge for e in entries}
     return MethodResults(label=label or predictions.name, predictions=str(predictions),
                          per_image=per_image, challenges=challenges, missing=sorted(missing),
-                         options=options, split=split)
+                         options=options, split=split, cpu_seconds=cpu_seconds)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -197,7 +209,7 @@ def protocol_description(results: MethodResults) -> dict:
         "refinement": ("least squares of squared scan-to-mesh distances over "
                        + ("(r, t), scale fixed" if options.metrical else
                           "(s, r, t) with penalty 100 (|s| - s)")
-                       + "; scipy least_squares (trf), exact distance Jacobian, coarse-to-fine"),
+                       + "; Levenberg-Marquardt (normal equations), exact distance Jacobian, coarse-to-fine"),
         "refine_options": dataclasses.asdict(options.refine),
         "distance": "exact unsigned point-to-triangle (libigl AABB), cropped scan vertices",
         "statistics": "median / mean / std over the concatenated distances of all images",

@@ -69,6 +69,7 @@ class SyntheticNowConfig:
     subdivisions: int = 2
     scan_noise_mm: float = 0.2
     landmark_noise_mm: float = 0.3
+    max_scan_vertices: Optional[int] = None  # random subset of the subdivided scan's vertices
     first_seed: int = 10_000_000
     model_seed: int = 0
     version: int = 1  # bump when the generator changes
@@ -129,6 +130,12 @@ def scan_mesh(vertices_m: np.ndarray, faces: np.ndarray, landmarks_m: np.ndarray
     v, f = head[used] * 1000.0, remap[tri]
     for _ in range(config.subdivisions):
         v, f = trimesh.remesh.subdivide(v, f)
+    if config.max_scan_vertices and len(v) > config.max_scan_vertices:
+        keep_vertex = np.zeros(len(v), bool)
+        keep_vertex[rng.choice(len(v), config.max_scan_vertices, replace=False)] = True
+        remap = np.cumsum(keep_vertex) - 1
+        f = remap[f[np.all(keep_vertex[f], axis=1)]]
+        v = v[keep_vertex]
     pose = _rotation(*rng.uniform(-0.15, 0.15, 3))
     shift = rng.uniform(-80.0, 80.0, 3)
     scan = (v + rng.normal(0.0, config.scan_noise_mm, v.shape)) @ pose.T + shift
@@ -201,8 +208,12 @@ def _image_parameters(rng, challenge, model):
 
 
 def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = SyntheticNowConfig(),
-                          *, progress: bool = True) -> None:
-    """Write the whole split under `root` (see the module docstring)."""
+                          *, progress: bool = True, with_images: bool = True) -> None:
+    """Write the whole split under `root` (see the module docstring).
+
+    with_images=False writes only what scoring reads (scans, landmarks, ground truth, image
+    lists; no images or face boxes): the same subjects and scans, much faster (benchmarks).
+    """
     import jax
     import jax.numpy as jnp
     from PIL import Image
@@ -259,6 +270,10 @@ def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = Synthe
             np.savez(buffer, vertices_m=vertices[0].astype(np.float32), faces=faces,
                      landmarks7_m=landmarks68[0, list(NOW_IBUG_INDICES)].astype(np.float32))
             now_io._write_bytes(root / GROUND_TRUTH_DIR / f"{subject}.npz", buffer.getvalue())
+        if not with_images:
+            lists[split] += [now_io.ImageEntry(subject, plan[0], f"IMG_{plan[1]:04d}.jpg")
+                             for plan in plans]
+            continue
         # Images: centre each posed head, optionally warp (selfie), render the batch.
         posed = vertices[1:] - vertices[1:, :NUM_HEAD_VERTICES].mean(1, keepdims=True)
         points68 = landmarks68[1:] - vertices[1:, :NUM_HEAD_VERTICES].mean(1, keepdims=True)
