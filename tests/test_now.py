@@ -468,3 +468,25 @@ def test_synthetic_split_has_the_now_layout_and_scores_its_ground_truth(tmp_path
     # Only the 0.2 mm scan noise remains: median |normal component| = 0.6745 sigma.
     assert np.median(score.distances_mm) == pytest.approx(0.6745 * config.scan_noise_mm, rel=0.15)
     assert len(score.distances_mm) > 1000
+
+
+def test_mesh_predictor_wraps_a_code_predictor(face):
+    vertices, faces, landmarks = face
+    calls = []
+
+    class FakeTrainerPredictor:  # the shape of recon.trainer.Predictor
+        flame = type("Flame", (), {"faces": faces})()
+
+        def __call__(self, images):
+            return {"batch": len(images)}
+
+        def mesh(self, code, *, neutral=True):
+            calls.append(neutral)
+            return (np.tile(vertices[None], (code["batch"], 1, 1)),
+                    np.tile(landmarks[None], (code["batch"], 1, 1)))
+
+    wrapped = predict.MeshPredictor(FakeTrainerPredictor())
+    out_vertices, out_landmarks = wrapped(np.zeros((2, 224, 224, 3), np.float32))
+    assert out_vertices.shape == (2, len(vertices), 3) and out_landmarks.shape == (2, 7, 3)
+    assert calls == [True]  # NoW scores the neutral (zero expression and pose) mesh
+    np.testing.assert_array_equal(wrapped.faces, faces)

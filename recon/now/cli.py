@@ -11,6 +11,7 @@ from recon.now import io as now_io
 from recon.now import scoring
 
 EXIT_MISSING = 2
+EXIT_ERROR = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,12 @@ def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
 
         checkpoint = request.checkpoint or "runs/default"
         factory = predictor_factory or predict_lib.load_checkpoint_predictor
-        predict = factory(checkpoint)
+        try:
+            predict = factory(checkpoint)
+        except (RuntimeError, FileNotFoundError) as exc:
+            print(f"error: cannot load a predictor from {checkpoint}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        faces = getattr(predict, "faces", None) if faces is None else faces
         if faces is None:
             import flame_jax
             import numpy as np
@@ -101,6 +107,9 @@ def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
     except now_io.NowMissingError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_MISSING
+    except now_io.NowFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         if pool is not None:
             pool.shutdown()

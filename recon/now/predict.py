@@ -107,13 +107,34 @@ def predict_split(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
     return written
 
 
+class MeshPredictor:
+    """images (B, 224, 224, 3) -> (neutral vertices (B, V, 3) m, landmarks7 (B, 7, 3) m).
+
+    Wraps `recon.trainer.Predictor` (images -> Code, `.mesh(code, neutral=True)`): NoW scores
+    the identity, so the mesh has zero expression and pose (as DECA's and MICA's NoW exports).
+    `faces` is the trained FLAME model's triangles.
+    """
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.faces = np.asarray(predictor.flame.faces)
+
+    def __call__(self, images):
+        vertices, landmarks = self.predictor.mesh(self.predictor(images), neutral=True)
+        return np.asarray(vertices), np.asarray(landmarks)
+
+
 def load_checkpoint_predictor(workdir: os.PathLike) -> Callable:
-    """`recon.trainer.load_predictor(workdir)`, imported lazily with a clear error if absent."""
+    """`recon.trainer.load_predictor(workdir)` as a `MeshPredictor`, imported lazily with a
+    clear error if this checkout lacks it."""
     try:
         from recon.trainer import load_predictor
     except ImportError as exc:
         raise RuntimeError(
             "predicting from a checkpoint needs recon.trainer.load_predictor(workdir), which "
-            f"this checkout does not provide yet ({exc}); score an existing folder with "
+            f"this checkout does not provide ({exc}); score an existing folder with "
             "--predictions instead") from exc
-    return load_predictor(workdir)
+    predictor = load_predictor(workdir)
+    if hasattr(predictor, "mesh") and hasattr(predictor, "flame"):
+        return MeshPredictor(predictor)
+    return predictor  # already images -> (vertices, landmarks7)

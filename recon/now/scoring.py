@@ -101,9 +101,32 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def make_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
-    """Scoring processes (forkserver/spawn: safe when the parent holds JAX or threads)."""
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
+    """Scoring processes (forkserver/spawn: safe when the parent holds JAX or threads).
+
+    The fork server is started here with single-threaded BLAS (unless the user set the thread
+    variables): the parallelism is over images, and BLAS threads in every worker would only
+    oversubscribe the cores.
+    """
+    context = _pool_context()
+    if context.get_start_method() == "forkserver":
+        import multiprocessing.forkserver
+
+        saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
+        try:
+            for name in _THREAD_VARIABLES:
+                os.environ.setdefault(name, "1")
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
 def default_workers() -> int:
