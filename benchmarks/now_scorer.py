@@ -9,12 +9,14 @@ known errors.
 2. Writes prediction folders whose errors are known:
      perfect         the subject's exact neutral FLAME mesh (metres) under a random similarity
                      per image, exact landmarks -> only the scan noise remains: median
-                     0.6745 sigma = 0.135 mm, mean 0.7979 sigma = 0.160 mm (normal component).
+                     0.6745 sigma = 0.135 mm, mean 0.7979 sigma = 0.160 mm (normal component;
+                     the refinement may absorb a little of it, so at most these).
      perfect_lmk2mm  the same with 2 mm landmark noise (realistic landmark error): the
                      refinement must bring it back to the `perfect` figures.
-     offset_1mm      every vertex moved 1 mm along its normal: metrical distances within 1 mm
-                     (a rigid motion can only trade some of the offset at curved regions);
-                     non-metrical smaller (the fitted scale absorbs part of an offset).
+     offset_1mm      every vertex moved 1 mm along its normal: at most 1 mm plus the noise;
+                     in fact much less, because over the cropped (fairly flat) face a shift
+                     along the view axis (and, non-metrically, the scale) absorbs most of a
+                     uniform offset: NoW is blind to such an inflation by design.
      scale_1.1       the perfect mesh 10% too large: non-metrical = perfect; metrical penalised.
      mean_face       the model's template (zero identity) with its own landmarks.
 3. Times the whole validation scale (all images, both protocols) for a realistic folder, with
@@ -202,9 +204,11 @@ def main():
             ("images", "images", "{}"), ("median_mm", "median mm", "{:.3f}"),
             ("mean_mm", "mean mm", "{:.3f}"), ("std_mm", "std mm", "{:.3f}"),
             ("expected", "expected", "{}")])
-        expected = {"perfect": "noise only: 0.135 / 0.160", "perfect_lmk2mm": "= perfect",
-                    "offset_1mm": "<= 1 (metrical ~1)", "scale_1.1": "non-metrical = perfect",
-                    "mean_face": "identity error"}
+        expected = {"perfect": "scan noise only, <= 0.135 / 0.160",
+                    "perfect_lmk2mm": "= perfect (refinement)",
+                    "offset_1mm": "<= 1 (alignment absorbs part)",
+                    "scale_1.1": "non-metrical = perfect; metrical penalised",
+                    "mean_face": "identity error (no reference value)"}
         for metrical in (False, True):
             methods = []
             for name, folder in folders.items():

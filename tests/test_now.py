@@ -438,13 +438,15 @@ def test_checkpoint_predictor_error_is_clear(monkeypatch):
         predict.load_checkpoint_predictor("runs/default")
 
 
-def test_synthetic_split_has_the_now_layout_and_scores_its_ground_truth(tmp_path):
+def test_synthetic_split_has_the_now_layout_and_scores_its_ground_truth(tmp_path,
+                                                                      synthetic_model):
     from recon.now import synthetic
 
     config = synthetic.SyntheticNowConfig(
         num_val_subjects=1, num_test_subjects=1, image_size=64, subdivisions=1,
         images_per_challenge=tuple((c, 1) for c in now.CHALLENGES))
-    root = synthetic.ensure_synthetic_split(config, root=tmp_path / "split", progress=False)
+    root = synthetic.ensure_synthetic_split(config, root=tmp_path / "split", progress=False,
+                                            model=synthetic_model)
     assert synthetic.ensure_synthetic_split(config, root=root) == root  # cached: no rebuild
     val = now_io.read_image_list(root / "imagepathsvalidation.txt")
     test = now_io.read_image_list(root / "imagepathstest.txt")

@@ -86,8 +86,12 @@ def cache_root() -> pathlib.Path:
 
 
 def ensure_synthetic_split(config: SyntheticNowConfig = SyntheticNowConfig(), *,
-                           root: Optional[os.PathLike] = None, progress: bool = True) -> pathlib.Path:
-    """The split's root folder, built on first use (in a temporary folder, then renamed)."""
+                           root: Optional[os.PathLike] = None, progress: bool = True,
+                           model=None) -> pathlib.Path:
+    """The split's root folder, built on first use (in a temporary folder, then renamed).
+
+    model: the `flame_jax.synthetic(config.model_seed)` model if the caller holds it already.
+    """
     target = pathlib.Path(root) if root is not None else cache_root() / config.key()
     if (target / "complete.json").is_file():
         return target
@@ -95,7 +99,7 @@ def ensure_synthetic_split(config: SyntheticNowConfig = SyntheticNowConfig(), *,
     if staging.exists():
         shutil.rmtree(staging)
     try:
-        build_synthetic_split(staging, config, progress=progress)
+        build_synthetic_split(staging, config, progress=progress, model=model)
         if target.exists():  # an incomplete earlier build
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -208,7 +212,8 @@ def _image_parameters(rng, challenge, model):
 
 
 def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = SyntheticNowConfig(),
-                          *, progress: bool = True, with_images: bool = True) -> None:
+                          *, progress: bool = True, with_images: bool = True,
+                          model=None) -> None:
     """Write the whole split under `root` (see the module docstring).
 
     with_images=False writes only what scoring reads (scans, landmarks, ground truth, image
@@ -226,7 +231,7 @@ def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = Synthe
     from recon.rasterizer import RasterSettings
 
     root = pathlib.Path(root)
-    model = flame_jax.synthetic(config.model_seed)
+    model = flame_jax.synthetic(config.model_seed) if model is None else model
     faces = np.asarray(model.faces)
     size = config.image_size
     settings = RasterSettings(height=size, width=size)
