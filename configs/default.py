@@ -56,6 +56,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.head_num_hidden = 3
     config.model.trainable = "all"          # "all" or "last_stage" (the paper's, with ArcFace)
     config.model.arcface_path = ""          # imported backbone weights; '' = random init
+    config.model.batch_norm = "batch"       # batch statistics in training (from scratch)
 
     # The frozen face-recognition network of the identity loss (ArcFace .onnx/.pth).
     config.recognition_arcface_path = ""

@@ -49,6 +49,7 @@ def get_config(arg: str = ""):
     config.model.head_hidden_size = 300
     config.model.head_num_hidden = 3
     config.model.trainable = "last_stage"
+    config.model.batch_norm = "running"         # ArcFace's statistics, frozen (as MICA)
     config.model.arcface_path = ""             # required: ArcFace weights
     config.recognition_arcface_path = config.model.get_ref("arcface_path")
 

@@ -16,10 +16,12 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def kabsch(source: Array, target: Array) -> tuple[Array, Array]:
-    """Rotation R (B, 3, 3) and translation t (B, 3) minimising sum |R s + t - q|^2.
+def kabsch(source: Array, target: Array, *, with_scale: bool = False):
+    """Rotation R (B, 3, 3) and translation t (B, 3) minimising sum |c R s + t - q|^2.
 
     source, target: (B, N, 3) corresponding points. R is a proper rotation (det +1).
+    with_scale: also the scale c (Umeyama 1991) and return (R, t, c (B,)); else c = 1 and
+    (R, t) is returned.
     """
     if source.shape != target.shape or source.ndim != 3 or source.shape[-1] != 3:
         raise ValueError(f"source {source.shape} and target {target.shape} must both be (B, N, 3)")
@@ -32,21 +34,37 @@ def kabsch(source: Array, target: Array) -> tuple[Array, Array]:
     sign = jnp.where(sign == 0, 1.0, sign)
     correction = jnp.ones((source.shape[0], 3), source.dtype).at[:, 2].set(sign)
     rotation = jnp.einsum("bji,bj,bkj->bik", vt, correction, u)
-    translation = target_mean[:, 0] - jnp.einsum("bij,bj->bi", rotation, source_mean[:, 0])
+    scale = jnp.ones((source.shape[0],), source.dtype)
+    if with_scale:
+        singular = jnp.linalg.svd(covariance, compute_uv=False)
+        variance = jnp.sum((source - source_mean) ** 2, axis=(1, 2))
+        scale = jnp.sum(singular * correction, axis=-1) / jnp.maximum(variance, 1e-30)
+    translation = target_mean[:, 0] - scale[:, None] * jnp.einsum(
+        "bij,bj->bi", rotation, source_mean[:, 0])
+    if with_scale:
+        return rotation, translation, scale
     return rotation, translation
 
 
-def rigid_align(source: Array, target: Array) -> Array:
-    """`source` (B, N, 3) moved onto `target` (B, N, 3) by its best rotation + translation."""
+def rigid_align(source: Array, target: Array, *, with_scale: bool = False) -> Array:
+    """`source` (B, N, 3) moved onto `target` (B, N, 3) by its best rotation + translation
+    (and uniform scale when `with_scale`)."""
+    if with_scale:
+        rotation, translation, scale = kabsch(source, target, with_scale=True)
+        return scale[:, None, None] * jnp.einsum("bij,bnj->bni", rotation, source) + translation[
+            :, None]
     rotation, translation = kabsch(source, target)
     return jnp.einsum("bij,bnj->bni", rotation, source) + translation[:, None]
 
 
-def vertex_error_mm(prediction: Array, target: Array, *, align: bool = True) -> Array:
+def vertex_error_mm(prediction: Array, target: Array, *, align: bool = True,
+                    with_scale: bool = False) -> Array:
     """Per-example mean per-vertex Euclidean error in mm after a rigid alignment.
 
     prediction, target: (B, N, 3) metres, same topology. Returns (B,) millimetres.
+    with_scale: a similarity alignment instead (the shape's proportions only, as NoW's
+    non-metrical setting).
     """
     if align:
-        prediction = rigid_align(prediction, target)
+        prediction = rigid_align(prediction, target, with_scale=with_scale)
     return 1000.0 * jnp.mean(jnp.linalg.norm(prediction - target, axis=-1), axis=-1)

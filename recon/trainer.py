@@ -72,6 +72,11 @@ class ModelOptions:
     trainable: "all" (every backbone stage; right for random initialisation) or "last_stage"
     (the paper's and MICA's: last stage + output BN/FC + head; right for imported ArcFace).
     arcface_path: imported backbone weights ('' = random initialisation).
+    batch_norm: "running": every BatchNorm normalises with its running statistics, which never
+      change (the paper's/MICA's frozen ArcFace statistics; `recon.regressor`'s behaviour).
+      "batch": the trainable parts' BatchNorms use batch statistics in training and update
+      their running averages (used at evaluation); needed to train a backbone from random
+      initialisation, whose running statistics (0, 1) describe nothing.
     """
 
     stages: tuple = (1, 1, 1, 1)
@@ -81,17 +86,20 @@ class ModelOptions:
     head_num_hidden: int = 3
     trainable: str = "all"
     arcface_path: str = ""
+    batch_norm: str = "running"
 
     def __post_init__(self):
         if self.trainable not in ("all", "last_stage"):
             raise ValueError(f"model.trainable must be 'all' or 'last_stage', got "
                              f"{self.trainable!r}")
+        if self.batch_norm not in ("running", "batch"):
+            raise ValueError(f"model.batch_norm must be 'running' or 'batch', got "
+                             f"{self.batch_norm!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimOptions:
     """AdamW with linear warm-up and cosine decay; optional global-norm clipping (0 = off)."""
-
     learning_rate: float = 1e-4
     weight_decay: float = 2e-4
     warmup_steps: int = 0
@@ -138,7 +146,6 @@ class DataOptions:
 @dataclasses.dataclass(frozen=True)
 class LoopOptions:
     """Step counts of the host loop (0 switches a periodic action off)."""
-
     steps: int
     log_every: int
     checkpoint_every: int
@@ -250,21 +257,29 @@ class StepOptions:
     sigma: float = 0.5
     seed: int = 0
 
-    def render_settings(self):
-
+    def render_settings(self) -> RasterSettings:
         return RasterSettings(height=int(self.image_size[0]), width=int(self.image_size[1]))
 
 
 def batch_loss(model, variables: dict, assets, batch: Batch, options: StepOptions, rng: Array,
-               *, train: bool) -> Tuple[Array, dict]:
-    """(loss, metrics) of the regressor on one batch: code -> FLAME/render -> objective."""
-
-    code = split_code(model.apply(variables, batch.backbone_images, train=train))
+               *, train: bool) -> Tuple[Array, Tuple[dict, Any]]:
+    """(loss, (metrics, batch_stats)) of the regressor on one batch: code -> FLAME/render ->
+    objective. batch_stats: updated running statistics when the model uses batch statistics,
+    else the given ones."""
+    if uses_batch_stats(model):
+        vector, updates = model.apply(variables, batch.backbone_images, train=train,
+                                      mutable=["batch_stats"])
+        batch_stats = updates["batch_stats"]
+    else:
+        vector = model.apply(variables, batch.backbone_images, train=train)
+        batch_stats = variables["batch_stats"]
+    code = split_code(vector)
     settings = (options.render_settings() if objective_lib.needs_render(options.weights)
                 else None)
-    return objective_lib.code_objective(code, batch, assets, options.weights,
-                                        images_per_subject=options.images_per_subject,
-                                        render_settings=settings, sigma=options.sigma, rng=rng)
+    loss, metrics = objective_lib.code_objective(
+        code, batch, assets, options.weights, images_per_subject=options.images_per_subject,
+        render_settings=settings, sigma=options.sigma, rng=rng)
+    return loss, (metrics, batch_stats)
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, options: StepOptions,
@@ -285,13 +300,13 @@ def make_train_step(model, optimizer: optax.GradientTransformation, options: Ste
         return batch_loss(model, variables, assets, batch, options, rng, train=True)
 
     def train_step(state: TrainState, assets, batch: Batch):
-
         rng = jax.random.fold_in(jax.random.key(options.seed), state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (metrics, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state, assets, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        proposed = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        proposed = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                 batch_stats=batch_stats)
         # Finite trainable gradients <=> finite norm; the frozen ones are never computed.
         grad_norm = optax.tree.norm(
             [g for g, keep in zip(jax.tree.leaves(grads), trainable_leaves) if keep])
@@ -314,7 +329,6 @@ def jit_eval_step(eval_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
 
 def jit_train_step(train_step: Callable, mesh: jax.sharding.Mesh) -> Callable:
     """Jit once for `mesh`: state and assets replicated, batch sharded on `data`, state donated."""
-
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
     return jax.jit(train_step, in_shardings=(replicated, replicated, data),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -341,9 +355,28 @@ def maybe_initialize_distributed() -> None:
 # Model, parameters and optimizer.
 
 
-def build_model(options: ModelOptions):
-    """(Regressor module, imported backbone variables or None)."""
+class BatchStatsIResNet(backbone_lib.IResNet):
+    """`recon.backbone.IResNet` whose BatchNorms in `batch_norm_train_parts` use batch
+    statistics whenever `use_batch_stats` is True, whatever `train` its caller passes.
 
+    `recon.regressor.Regressor` always calls its backbone with train=False (frozen statistics,
+    right for imported ArcFace); a backbone trained from random initialisation needs batch
+    statistics, so the training model carries use_batch_stats=True and the evaluation model
+    False. Parameter paths are the IResNet's.
+    """
+
+    use_batch_stats: bool = False
+
+    def __call__(self, images: Array, train: bool = False) -> Array:
+        return super().__call__(images, train=self.use_batch_stats)
+
+
+def build_model(options: ModelOptions, *, training: bool = False):
+    """(Regressor module, imported backbone variables or None).
+
+    training: the module used inside the training step (with `batch_norm="batch"` its
+    BatchNorms use and update batch statistics); False: the evaluation/prediction module.
+    """
     imported = None
     if options.arcface_path:
         path = pathlib.Path(options.arcface_path)
@@ -356,17 +389,36 @@ def build_model(options: ModelOptions):
             raise ValueError(f"{path} holds an IResNet with stages {tuple(backbone.stages)}, but "
                              f"config model.stages is {tuple(options.stages)}; set "
                              f"--config.model.stages to match the file")
+        architecture = dict(stages=tuple(backbone.stages), width=backbone.width,
+                            embedding_size=backbone.embedding_size, dtype=backbone.dtype,
+                            precision=backbone.precision)
     else:
-        backbone = backbone_lib.IResNet(stages=tuple(options.stages), width=options.width,
-                                        embedding_size=options.embedding_size)
+        architecture = dict(stages=tuple(options.stages), width=options.width,
+                            embedding_size=options.embedding_size)
+        backbone = backbone_lib.IResNet(**architecture)
+    if options.batch_norm == "batch":
+        backbone = BatchStatsIResNet(**architecture,
+                                     batch_norm_train_parts=trainable_prefixes(options),
+                                     use_batch_stats=training)
     model = regressor_lib.Regressor(backbone=backbone, hidden_size=options.head_hidden_size,
                                     num_hidden=options.head_num_hidden)
     return model, imported
 
 
+def evaluation_model(model):
+    """The same regressor with running BatchNorm statistics (for evaluation and prediction)."""
+    if uses_batch_stats(model):
+        return model.clone(backbone=model.backbone.clone(use_batch_stats=False))
+    return model
+
+
+def uses_batch_stats(model) -> bool:
+    """Whether `model.apply` in training must mutate `batch_stats`."""
+    return bool(getattr(model.backbone, "use_batch_stats", False))
+
+
 def trainable_prefixes(options: ModelOptions) -> tuple:
     """Backbone parts that train: every part, or the paper's last stage + output."""
-
     if options.trainable == "all":
         return tuple(backbone_lib.PART_NAMES)
     return tuple(backbone_lib.TRAINABLE_PREFIXES)
@@ -377,7 +429,8 @@ def init_variables(model, imported, seed: int) -> dict:
     random ones (their shapes must agree)."""
 
     size = backbone_lib.INPUT_SIZE
-    variables = model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3), jnp.float32))
+    variables = evaluation_model(model).init(jax.random.key(seed),
+                                             jnp.zeros((1, size, size, 3), jnp.float32))
     variables = {"params": variables["params"],
                  "batch_stats": variables.get("batch_stats", {})}
     if imported is not None:
@@ -443,11 +496,15 @@ def make_eval_step(model, options: StepOptions) -> Callable:
             images_per_subject=options.images_per_subject, render_settings=settings,
             sigma=options.sigma, rng=jax.random.key(options.seed))
         template = jnp.broadcast_to(assets.flame.v_template, batch.vertices.shape)
+        predicted = prediction.neutral_vertices
         per_example = {
-            "vertex_error_mm": evaluation_lib.vertex_error_mm(prediction.neutral_vertices,
-                                                              batch.vertices),
+            "vertex_error_mm": evaluation_lib.vertex_error_mm(predicted, batch.vertices),
             "mean_face_vertex_error_mm": evaluation_lib.vertex_error_mm(template,
-                                                                        batch.vertices)}
+                                                                        batch.vertices),
+            "scaled_vertex_error_mm": evaluation_lib.vertex_error_mm(
+                predicted, batch.vertices, with_scale=True),
+            "mean_face_scaled_vertex_error_mm": evaluation_lib.vertex_error_mm(
+                template, batch.vertices, with_scale=True)}
         return metrics, per_example
 
     return eval_step
@@ -455,7 +512,6 @@ def make_eval_step(model, options: StepOptions) -> Callable:
 
 def make_image_step(model, options: StepOptions) -> Callable:
     """`image_step(state, assets, batch) -> {render, alpha, landmarks_2d}` for the PNG grid."""
-
     def image_step(state: TrainState, assets, batch: Batch):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         code = split_code(model.apply(variables, batch.backbone_images, train=False))
@@ -471,25 +527,24 @@ def make_image_step(model, options: StepOptions) -> Callable:
 def evaluate(eval_step: Callable, state: TrainState, assets, batches, mesh) -> dict:
     """Held-out summary over `batches` (host numpy dicts of this process's rows).
 
-    Returns {vertex_error_mm, vertex_error_mm_median, mean_face_vertex_error_mm, every loss
-    term (mean over batches), num_examples}. The 3D errors are means over examples (every batch
-    has the same size).
+    Returns {vertex_error_mm, vertex_error_mm_median, mean_face_vertex_error_mm, the same two
+    after a similarity (scaled) alignment (scaled_vertex_error_mm,
+    mean_face_scaled_vertex_error_mm), every loss term (mean over batches), num_examples}. The
+    3D errors are means over examples (every batch has the same size).
     """
-    sums, errors, mean_face_errors = {}, [], []
+    sums, per_example = {}, {}
     for host_batch in batches:
         batch = sharding.shard_batch(_to_batch(host_batch), mesh)
-        metrics, per_example = jax.device_get(eval_step(state, assets, batch))
+        metrics, errors = jax.device_get(eval_step(state, assets, batch))
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + float(value)
-        errors.append(np.asarray(per_example["vertex_error_mm"]))
-        mean_face_errors.append(np.asarray(per_example["mean_face_vertex_error_mm"]))
-    errors, mean_face_errors = np.concatenate(errors), np.concatenate(mean_face_errors)
+        for name, value in errors.items():
+            per_example.setdefault(name, []).append(np.asarray(value))
+    per_example = {name: np.concatenate(values) for name, values in per_example.items()}
     summary = {name: value / len(batches) for name, value in sorted(sums.items())}
-    summary.update({
-        "vertex_error_mm": float(errors.mean()),
-        "vertex_error_mm_median": float(np.median(errors)),
-        "mean_face_vertex_error_mm": float(mean_face_errors.mean()),
-        "num_examples": int(errors.size)})
+    summary.update({name: float(values.mean()) for name, values in per_example.items()})
+    summary["vertex_error_mm_median"] = float(np.median(per_example["vertex_error_mm"]))
+    summary["num_examples"] = int(per_example["vertex_error_mm"].size)
     return summary
 
 
@@ -552,7 +607,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     """Train the regressor described by `config` (configs/default.py) in `workdir`, resuming
     from its latest checkpoint, and return the final evaluation (also `evaluation.json`)."""
     maybe_initialize_distributed()
-
+    started = time.perf_counter()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     options = _read_options(config)
@@ -568,7 +623,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                       cache_dir=cache_dir, log=log)
     assets_host = make_objective_assets(flame, encoder, options["weights"],
                                         config.recognition_arcface_path)
-    model, imported = build_model(options["model"])
+    model, imported = build_model(options["model"], training=True)
     optimizer_fn = functools.partial(make_optimizer, model_options=options["model"],
                                      optim=options["optim"], steps=loop.steps)
 
@@ -584,8 +639,8 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                image_size=(data_options.image_size, data_options.image_size),
                                seed=int(config.seed))
     train_step = jit_train_step(make_train_step(model, optimizer, step_options, labels), mesh)
-    eval_step = jit_eval_step(make_eval_step(model, step_options), mesh)
-    image_step = jit_eval_step(make_image_step(model, step_options), mesh)
+    eval_step = jit_eval_step(make_eval_step(evaluation_model(model), step_options), mesh)
+    image_step = jit_eval_step(make_image_step(evaluation_model(model), step_options), mesh)
     assets = sharding.replicate(assets_host, mesh)
 
     config_dict = checkpoints_lib.plain_config(config)
@@ -613,7 +668,8 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
                                   images)
 
     def run_evaluation(step: int, state: TrainState) -> dict:
-        summary = {"step": step, **evaluate(eval_step, state, assets, eval_batches, mesh)}
+        summary = {"step": step, **evaluate(eval_step, state, assets, eval_batches, mesh),
+                   "wall_time_s": round(time.perf_counter() - started, 1)}
         if jax.process_index() == 0:
             write_json(workdir / "evaluation.json", summary)
             history = [entry for entry in evaluation_history if entry["step"] < step]
@@ -623,7 +679,9 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
             write_grid("eval", step, state, eval_batches[0],
                        sharding.shard_batch(_to_batch(eval_batches[0]), mesh))
         log(f"step {step}: held-out vertex error {summary['vertex_error_mm']:.3f} mm (mean "
-            f"face {summary['mean_face_vertex_error_mm']:.3f} mm)")
+            f"face {summary['mean_face_vertex_error_mm']:.3f} mm); with scale "
+            f"{summary['scaled_vertex_error_mm']:.3f} mm (mean face "
+            f"{summary['mean_face_scaled_vertex_error_mm']:.3f} mm)")
         return summary
 
     if start_step == 0 and loop.eval_every > 0:
@@ -669,7 +727,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
 
 def write_json(path, value) -> None:
     """JSON file written atomically (indent 2)."""
-
     atomic_write(pathlib.Path(path), json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
@@ -806,9 +863,15 @@ class PoolSource:
     image (`recon.backbone.backbone_input_from_crop`), as for a photo.
     """
 
-    def __init__(self, arrays: dict):
+    def __init__(self, arrays: dict, name: str):
         self.arrays = arrays
+        self.name = name
         self.images_per_subject = int(arrays["images"].shape[1])
+
+    def __repr__(self) -> str:
+        # grain checks a restored iterator against repr(source): it must name the content.
+        return (f"PoolSource({self.name}, subjects={len(self)}, "
+                f"images_per_subject={self.images_per_subject})")
 
     def __len__(self) -> int:
         return int(self.arrays["images"].shape[0])
@@ -839,8 +902,8 @@ def render_subjects(flame, options: DataOptions, subjects: range, *, desc: str,
 
 
 def cached_subjects(flame, options: DataOptions, subjects: range, *, desc: str,
-                    cache_dir: str = "") -> dict:
-    """{field: (N, K, ...)} of synthetic `subjects`, rendered once and cached.
+                    cache_dir: str = "") -> PoolSource:
+    """`PoolSource` of synthetic `subjects` ({field: (N, K, ...)}), rendered once and cached.
 
     The cache file is keyed by the FLAME model's template/bases checksum, the synthetic
     config, the subject range, K and the seed: `<cache>/synthetic/<key>.npz` (atomic write).
@@ -857,12 +920,12 @@ def cached_subjects(flame, options: DataOptions, subjects: range, *, desc: str,
     path = root / "synthetic" / f"{key}.npz"
     if path.is_file():
         with np.load(path) as stored:
-            return {name: stored[name] for name in stored.files}
+            return PoolSource({name: stored[name] for name in stored.files}, key)
     arrays = _subjects_to_arrays(render_subjects(flame, options, subjects, desc=desc,
                                                  show_progress=jax.process_index() == 0))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda stream: np.savez(stream, **arrays))
-    return arrays
+    return PoolSource(arrays, key)
 
 
 def make_train_source(flame, options: DataOptions, cache_dir: str = ""):
@@ -876,8 +939,8 @@ def make_train_source(flame, options: DataOptions, cache_dir: str = ""):
     subjects = range(synthetic.TRAIN_SUBJECTS.start,
                      synthetic.TRAIN_SUBJECTS.start + options.num_train_subjects)
     if options.pool:
-        return PoolSource(cached_subjects(flame, options, subjects, desc="training pool",
-                                          cache_dir=cache_dir))
+        return cached_subjects(flame, options, subjects, desc="training pool",
+                               cache_dir=cache_dir)
     return synthetic.SyntheticSource(flame, synthetic_config(options), subjects=subjects,
                                      images_per_subject=options.images_per_subject,
                                      seed=options.seed)
@@ -902,8 +965,8 @@ def make_eval_batches(flame, options: DataOptions, eval_batch_size: int,
 
     subjects = range(synthetic.HELDOUT_SUBJECTS.start,
                      synthetic.HELDOUT_SUBJECTS.start + options.num_eval_subjects)
-    source = PoolSource(cached_subjects(flame, options, subjects, desc="held-out subjects",
-                                        cache_dir=cache_dir))
+    source = cached_subjects(flame, options, subjects, desc="held-out subjects",
+                             cache_dir=cache_dir)
     rows = [source[i] for i in range(len(source))]
     flat = {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
     per_process = eval_batch_size // jax.process_count()

@@ -115,6 +115,9 @@ def test_kabsch_matches_scipy_and_removes_a_rigid_motion():
     exact = np.einsum("bij,bnj->bni", rotations.as_matrix(), target) + 0.3
     assert float(jnp.max(evaluation.vertex_error_mm(jnp.asarray(exact, jnp.float32),
                                                     jnp.asarray(target)))) < 1e-2
+    similar = 1.3 * exact
+    assert float(jnp.max(evaluation.vertex_error_mm(jnp.asarray(similar, jnp.float32),
+                                                    jnp.asarray(target), with_scale=True))) < 1e-2
     scaled = evaluation.vertex_error_mm(jnp.asarray(1.1 * target), jnp.asarray(target))
     expected = 1000 * 0.1 * np.linalg.norm(target - target.mean(1, keepdims=True), axis=-1).mean(1)
     np.testing.assert_allclose(np.asarray(scaled), expected, rtol=1e-4)
@@ -136,6 +139,7 @@ def test_smoke_run_end_to_end_with_every_loss(tmp_path, cache_dir, capsys):
     assert 0 <= records[-1]["data_wait_fraction"] <= 1
     stored = json.loads((workdir / "evaluation.json").read_text())
     assert stored == pytest.approx(result)
+    assert result["wall_time_s"] > 0
     assert result["num_examples"] == config.data.num_eval_subjects * 2
     assert result["vertex_error_mm"] > 0 and result["mean_face_vertex_error_mm"] > 0
     assert "id_3d" in result and "photometric_l1" in result
@@ -207,16 +211,20 @@ for devices in (jax.devices()[:1], jax.devices()):
         losses.append(jax.device_get(metrics))
     results.append((losses, jax.device_get(state.params)))
 (losses1, params1), (losses8, params8) = results
-worst_loss = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-6)
+worst_loss = max(float(abs(a[k] - b[k]) / max(abs(a[k]), 1e-6))
                  for a, b in zip(losses1, losses8) for k in a)
 worst_param = max(float(np.max(np.abs(a - b))) for a, b in
                   zip(jax.tree.leaves(params1), jax.tree.leaves(params8)))
 update = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(params1))
 print(json.dumps({"loss_rel": worst_loss, "param_abs": worst_param, "param_max": update}))
 """
-    out = json.loads(run_with_cpu_devices(code, num_devices=8, timeout=600).strip().splitlines()[-1])
+    out = json.loads(run_with_cpu_devices(code, num_devices=8, timeout=900).strip().splitlines()[-1])
+    # Every loss term and the gradient norm (in the metrics) agree to float precision.
     assert out["loss_rel"] < 1e-4, out
-    assert out["param_abs"] < 1e-5, out
+    # Parameters after two AdamW steps of lr 1e-3: Adam divides each gradient by its own RMS,
+    # so components with near-zero gradients (whose sums run in another order on 8 devices)
+    # can move by a good part of lr; we allow 10 % of one step.
+    assert out["param_abs"] < 1e-4, out
 
 
 class _StopAfter:
@@ -254,6 +262,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, cache_dir, monkey
     final = trainer.train_and_evaluate(config, resumed)
 
     expected = json.loads((whole / "evaluation.json").read_text())
+    for summary in (final, expected):
+        summary.pop("wall_time_s")
     assert final == pytest.approx(expected, rel=1e-5)
     losses = lambda path: [(r["step"], r["loss"], r["vertex_mm"]) for r in _read_metrics(path)]  # noqa
     assert [s for s, *_ in losses(resumed)] == [1, 2, 3, 4]
