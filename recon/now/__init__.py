@@ -17,7 +17,7 @@ from recon.now.io import (CHALLENGES, ImageEntry, NowFileError, NowMissingError,
 from recon.now.protocol import (FLAME_STATIC_INDICES, LANDMARK_NAMES, RefineOptions, crop_mask,
                                 score_prediction, similarity_procrustes)
 from recon.now.scoring import (MethodResults, ScoreOptions, evaluate_predictions, format_table,
-                               results_dict, write_outputs)
+                               make_pool, results_dict, summary, write_outputs)
 
 __all__ = ["MeshDistance", "point_mesh_distance", "point_triangle_distance_reference",
            "CHALLENGES", "ImageEntry", "NowFileError", "NowMissingError", "read_face_box",
@@ -25,4 +25,4 @@ __all__ = ["MeshDistance", "point_mesh_distance", "point_triangle_distance_refer
            "write_face_box", "write_pp", "write_prediction", "FLAME_STATIC_INDICES",
            "LANDMARK_NAMES", "RefineOptions", "crop_mask", "score_prediction",
            "similarity_procrustes", "MethodResults", "ScoreOptions", "evaluate_predictions",
-           "format_table", "results_dict", "write_outputs"]
+           "format_table", "make_pool", "results_dict", "summary", "write_outputs"]
