@@ -219,10 +219,12 @@ def main(argv=None):
     names = ("default", "paper") if args.config == "both" else (args.config,)
     for name in names:
         parts = setup(name, args.batch_subjects, args.image_size)
+        costs = None
+        if not args.no_parts:  # before the step, which donates (deletes) the initial state
+            costs = measure_parts(parts, max(1, min(args.repeats, 3)))
         result = measure_step(parts, args.repeats)
         row = {"config": name, "batch": parts["rows"], "image": parts["size"], **result}
-        if not args.no_parts:
-            costs = measure_parts(parts, max(1, min(args.repeats, 3)))
+        if costs is not None:
             top = sorted(costs.items(), key=lambda item: -item[1])[:3]
             row["parts_s"] = costs
             row["top_costs"] = ", ".join(f"{k} {v:.3f}" for k, v in top)
