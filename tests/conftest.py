@@ -15,11 +15,18 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache for the whole test session, inherited by the subprocesses
+# (kill-and-resume, CLI and 8-device tests), so a program compiled once is not compiled again.
+# A fresh folder per session: nothing from an earlier run is reused.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="facerecon_jax_cache_")
 
 
 def find_shared_flame_dir():
