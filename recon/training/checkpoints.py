@@ -127,6 +127,7 @@ class RunCheckpointer:
                 f"same config to resume, or another --workdir for a new run")
 
     def _restore_items(self, step: int, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        self._manager.wait_until_finished()
         if step not in self._manager.all_steps():
             raise CheckpointRestoreError(f"{self.directory} has no step {step}; steps present: "
                                          f"{self.all_steps()}")
@@ -155,6 +156,9 @@ class RunCheckpointer:
         return dict(self._restore_items(step, {EXTRA: ocp.args.JsonRestore()})[EXTRA] or {})
 
     def _item_names(self, step: int) -> set:
+        # An asynchronous save may still be committing (renaming its temporary folder): read a
+        # step only once every save started so far has finished.
+        self._manager.wait_until_finished()
         if step not in self._manager.all_steps():
             raise CheckpointRestoreError(f"{self.directory} has no step {step}; steps present: "
                                          f"{self.all_steps()}")
