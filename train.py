@@ -24,8 +24,6 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output folder (checkpoints, metrics.jsonl, evaluation.json); default "
     "runs/<config name>[_<arg>]. An existing one with checkpoints is resumed.")
 flags.mark_flags_as_required(["config"])
-# orbax logs every checkpoint step at INFO; show warnings and errors unless --verbosity=0 is given.
-flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 # config.task -> the module whose train_and_evaluate(config, workdir) runs it (imported lazily,
 # so that one task's dependencies are not needed to run another).
@@ -52,6 +50,10 @@ def main(argv):
     workdir = pathlib.Path(_WORKDIR.value or
                            default_workdir(flags.FLAGS["config"].config_filename))
     trainer = importlib.import_module(TASKS[config.task])
+    # orbax logs every checkpoint step at INFO: show warnings and errors unless the user asks
+    # for more with --verbosity (absl resets the level when it parses the flags, so set it here).
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     result = trainer.train_and_evaluate(config, workdir)
     print(json.dumps(result, indent=2, default=str))
 
