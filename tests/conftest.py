@@ -13,6 +13,7 @@
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,8 +26,15 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # One persistent XLA compilation cache for the whole test session, inherited by the subprocesses
 # (kill-and-resume, CLI and 8-device tests), so a program compiled once is not compiled again.
 # A fresh folder per session: nothing from an earlier run is reused.
+_SESSION_COMPILATION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="facerecon_jax_cache_")
+    _SESSION_COMPILATION_CACHE = tempfile.mkdtemp(prefix="facerecon_jax_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_COMPILATION_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_COMPILATION_CACHE is not None:
+        shutil.rmtree(_SESSION_COMPILATION_CACHE, ignore_errors=True)
 
 
 def find_shared_flame_dir():
