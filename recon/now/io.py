@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from flame_jax.safe_pickle import load_npy
+
 PathLike = Union[str, os.PathLike]
 
 CHALLENGES = ("multiview_neutral", "multiview_expressions", "multiview_occlusions", "selfie")
@@ -265,7 +267,6 @@ def read_face_box(path: PathLike) -> dict:
     path = pathlib.Path(path)
     if not path.is_file():
         raise NowFileError(f"{path}: file not found")
-    load_npy = _restricted_load_npy()
     try:
         data = load_npy(path)
     except ValueError as exc:  # FlameFileError is a ValueError
@@ -294,14 +295,6 @@ def write_face_box(path: PathLike, box: dict) -> None:
     buffer = _io.BytesIO()
     np.save(buffer, array, allow_pickle=True)  # writing our own dict; reading is restricted
     _write_bytes(path, buffer.getvalue())
-
-
-def _restricted_load_npy():
-    try:
-        from flame_jax.safe_pickle import load_npy
-    except ImportError:
-        from flame_jax.io import load_npy
-    return load_npy
 
 
 # ----------------------------------------------------------------------------- predictions
