@@ -318,3 +318,19 @@ def test_unknown_config_keys_are_refused(tmp_path):
     config.loss.no_such_term = 1.0
     with pytest.raises(ValueError, match="loss.no_such_term"):
         trainer.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_scene_options_reach_the_synthetic_config_and_the_pool_key():
+    from recon.data import augment, synthetic
+
+    default = _load_config("default", "")
+    options = trainer._read_options(default)["data"]
+    config = trainer.synthetic_config(options)
+    assert (config.shape_std, config.max_yaw_deg, config.perspective_probability) == (2.0, 15.0, 0.0)
+    assert config.augment == augment.AugmentConfig.clean()
+    # An empty scene keeps SyntheticConfig's wide defaults (the paper config's held-out data).
+    wide = trainer.synthetic_config(trainer.DataOptions(image_size=64))
+    assert wide == synthetic.SyntheticConfig(image_size=64)
+    assert repr(config) != repr(wide)  # the pool cache key holds repr(config)
+    with pytest.raises(ValueError, match="degradations"):
+        trainer.SceneOptions(degradations="none")
