@@ -707,6 +707,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
             history = [entry for entry in evaluation_history if entry["step"] < step]
             evaluation_history[:] = history + [summary]
             write_json(workdir / "evaluation_history.json", evaluation_history)
+            visualize.plot_evaluation(evaluation_history, workdir / "evaluation.png")
         if loop.image_every > 0:
             write_grid("eval", step, state, eval_batches[0],
                        sharding.shard_batch(_to_batch(eval_batches[0]), mesh))
@@ -716,6 +717,11 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
             f"{summary['mean_face_scaled_vertex_error_mm']:.3f} mm)")
         return summary
 
+    stored = [entry for entry in evaluation_history if entry["step"] == loop.steps]
+    if start_step == loop.steps and stored:  # a finished run: its stored evaluation
+        log(f"{workdir} is finished (step {loop.steps}); its evaluation.json stands")
+        checkpointer.close()
+        return stored[-1]
     if start_step == 0 and loop.eval_every > 0:
         run_evaluation(0, state)
     writer = MetricsWriter(workdir, total_steps=loop.steps, initial_step=start_step,

@@ -84,3 +84,39 @@ def write_png(path, image: np.ndarray) -> pathlib.Path:
             os.remove(temporary)
         raise
     return path
+
+
+def plot_evaluation(history, path) -> pathlib.Path:
+    """PNG of the held-out errors against the step: `vertex_error_mm` and
+    `scaled_vertex_error_mm` beside their mean-face (zero-skill) levels, and the landmark error.
+
+    history: the entries of `evaluation_history.json` ({"step", "vertex_error_mm", ...}).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flame_jax.fileio import atomic_write
+
+    entries = sorted(history, key=lambda entry: entry["step"])
+    steps = [entry["step"] for entry in entries]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label, colour in (("vertex_error_mm", "rigid alignment", "C0"),
+                               ("scaled_vertex_error_mm", "similarity alignment", "C1")):
+        axes[0].plot(steps, [entry[key] for entry in entries], "o-", color=colour,
+                     label=f"model, {label}")
+        axes[0].plot(steps, [entry[f"mean_face_{key}"] for entry in entries], "--",
+                     color=colour, label=f"mean face, {label}")
+    axes[0].set(xlabel="step", ylabel="mm", title="held-out neutral-mesh error")
+    axes[0].legend(fontsize=8)
+    if all("landmark_error_px" in entry for entry in entries):
+        axes[1].plot(steps, [entry["landmark_error_px"] for entry in entries], "o-")
+    axes[1].set(xlabel="step", ylabel="px", title="held-out landmark error")
+    for axis in axes:
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    path = pathlib.Path(path)
+    atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
+    plt.close(figure)
+    return path

@@ -146,6 +146,11 @@ def test_smoke_run_end_to_end_with_every_loss(tmp_path, cache_dir, capsys):
     assert (workdir / "images" / "train_000002.png").is_file()
     assert (workdir / "images" / "eval_000003.png").is_file()
     assert (workdir / "checkpoints" / "3").is_dir()
+    assert (workdir / "evaluation.png").stat().st_size > 1000  # the error curves
+
+    # Re-running a finished run returns its stored evaluation; nothing is recomputed.
+    assert trainer.train_and_evaluate(config, workdir) == stored
+    assert json.loads((workdir / "evaluation.json").read_text()) == stored
 
     # The CoMA encoder is now cached for this config and hierarchy.
     capsys.readouterr()
