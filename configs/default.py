@@ -6,7 +6,8 @@
         --workdir runs/no_id3d_seed1                                          # the ablation
 
 One command runs everything: (1) the CoMA encoder behind the 3D-ID loss is trained with
-`config.coma` (configs/coma.py shortened to 200 steps on 1024 heads) or reused from the cache
+`config.coma` (configs/coma.py shortened to 200 steps on 1024 heads drawn at the same identity
+spread as the regressor's targets) or reused from the cache
 ($FACERECON_CACHE_DIR or ~/.cache/facerecon_jax)/coma/<hash of its config and mesh hierarchy>;
 (2) 3072 synthetic training subjects x 2 images (64 x 64 crops) and 32 held-out subjects are
 rendered once and cached (<cache>/synthetic/), from a narrowed scene distribution
