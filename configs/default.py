@@ -22,9 +22,10 @@ alignment, and every loss term; `workdir/evaluation.png` plots them against the 
 
 Measured from a fresh clone (fresh venv, empty cache, quiet 2-core CPU, 2026-11-30): 13 min
 29 s, peak RSS 6.2 GiB (CoMA 1.3 min, 3072 subjects rendered 1.8 min, compilation + 500 steps
-at ~1.05 s + 3 evaluations 10 min); held-out vertex_error_mm 9.532 -> 9.226 (step 250) ->
-9.027 mm against 9.532 mm for the mean face (-5.3 %), similarity-aligned 7.890 -> 7.628 mm,
-landmark error 5.63 -> 3.21 px. With FLAME's own prior (`--config.data.scene.shape_std=1.0`)
+at ~1.05 s + 3 evaluations 10 min). Held-out vertex_error_mm (seed 0, quiet machine):
+9.532 -> 9.148 (step 250) -> 8.925 mm against 9.532 mm for the mean face (-6.4 %),
+similarity-aligned 7.890 -> 7.499 mm, landmark error 5.63 -> 3.35 px; over seeds 0-2 see the
+README's ablation table. With FLAME's own prior (`--config.data.scene.shape_std=1.0`)
 and the wide scene defaults no from-scratch run within the CPU budget got below the mean face
 (README, "Training the regressor").
 
