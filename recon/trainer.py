@@ -681,9 +681,15 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     checkpointer = checkpoints_lib.RunCheckpointer(
         workdir / CHECKPOINT_DIR, config=config_dict, max_to_keep=loop.max_checkpoints,
         ignore_keys=RESUME_IGNORED_KEYS)
+    latest = checkpointer.latest_step()
+    evaluation_history = _read_json(workdir / "evaluation_history.json", default=[])
+    stored = [entry for entry in evaluation_history if entry["step"] == loop.steps]
+    if latest == loop.steps and stored:  # a finished run: its stored evaluation, no data loaded
+        log(f"{workdir} is finished (step {loop.steps}); its evaluation.json stands")
+        checkpointer.close()
+        return stored[-1]
     loader = make_train_loader(make_train_source(flame, data_options, cache_dir), data_options)
     start_step = 0
-    latest = checkpointer.latest_step()
     if latest is not None:
         state, extra = checkpointer.restore(latest, state)
         loader.set_state(extra["data"].encode())
@@ -691,7 +697,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         log(f"resuming from {workdir / CHECKPOINT_DIR} step {start_step}")
     state = sharding.replicate(state, mesh)
     eval_batches = make_eval_batches(flame, data_options, loop.eval_batch_size, cache_dir)
-    evaluation_history = _read_json(workdir / "evaluation_history.json", default=[])
 
     def write_grid(name: str, step: int, state: TrainState, host_batch: dict, batch) -> None:
         images = jax.device_get(image_step(state, assets, batch))
@@ -717,11 +722,6 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
             f"{summary['mean_face_scaled_vertex_error_mm']:.3f} mm)")
         return summary
 
-    stored = [entry for entry in evaluation_history if entry["step"] == loop.steps]
-    if start_step == loop.steps and stored:  # a finished run: its stored evaluation
-        log(f"{workdir} is finished (step {loop.steps}); its evaluation.json stands")
-        checkpointer.close()
-        return stored[-1]
     if start_step == 0 and loop.eval_every > 0:
         run_evaluation(0, state)
     writer = MetricsWriter(workdir, total_steps=loop.steps, initial_step=start_step,

@@ -6,12 +6,12 @@ the predicted (red) and ground-truth (green) 68 landmarks.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import cv2
 import numpy as np
+
+from flame_jax.fileio import atomic_write
 
 PREDICTED_COLOR = (255, 40, 40)   # RGB
 TRUTH_COLOR = (40, 220, 40)
@@ -68,22 +68,13 @@ def prediction_rows(images: np.ndarray, render_images: np.ndarray, alphas: np.nd
 
 
 def write_png(path, image: np.ndarray) -> pathlib.Path:
-    """Write an RGB uint8 image atomically (temporary file in the same folder, then rename)."""
+    """Write an RGB uint8 image atomically (`flame_jax.fileio.atomic_write`), creating its folder."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR))
     if not ok:
         raise ValueError(f"OpenCV could not encode an image of shape {np.shape(image)} as PNG")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(encoded.tobytes())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    return atomic_write(path, encoded.tobytes())
 
 
 def plot_evaluation(history, path) -> pathlib.Path:
@@ -96,8 +87,6 @@ def plot_evaluation(history, path) -> pathlib.Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from flame_jax.fileio import atomic_write
 
     entries = sorted(history, key=lambda entry: entry["step"])
     steps = [entry["step"] for entry in entries]
