@@ -8,11 +8,16 @@
 
 Writes OUTPUT/results.json (fixed format), OUTPUT/cumulative_error.png and prints a table.
 Missing predictions are all listed and the exit status is 2, unless --allow-missing.
+With a checkpoint, the images are cut with the crop the model was trained on (landmark crops
+need `pip install 'facerecon-jax[photo]'`), predictions go to OUTPUT/predictions/, and the
+model's mean face (its FLAME template) is scored on the same images (OUTPUT/
+predictions_mean_face/; results.json "mean_face", "mean face" rows in the table); images with
+no detected face are listed in results.json "crop_fallbacks".
 """
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_enum("now-split", "val", ["val", "test"], "NoW image list: val (scored) or test "
                   "(predictions exported for submission, not scored).")
@@ -40,6 +45,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from recon.now import cli
 
+    # orbax logs every restore at INFO: warnings and errors only, unless --verbosity is given.
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     request = cli.EvalRequest(
         split=FLAGS["now-split"].value, now_root=FLAGS["now-root"].value,
         checkpoint=FLAGS.checkpoint, predictions=tuple(FLAGS.predictions),

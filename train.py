@@ -28,8 +28,8 @@ flags.mark_flags_as_required(["config"])
 # config.task -> the module whose train_and_evaluate(config, workdir) runs it (imported lazily,
 # so that one task's dependencies are not needed to run another).
 TASKS = {
-    "coma": "recon.coma_trainer",
-    "regressor": "recon.trainer",
+    "coma": "recon.training.coma",
+    "regressor": "recon.training.regressor",
 }
 
 
@@ -37,6 +37,17 @@ def default_workdir(config_spec: str) -> pathlib.Path:
     """runs/<config file stem>[_<arg>] for 'path/to/name.py[:arg]'."""
     path, _, arg = config_spec.partition(":")
     return pathlib.Path("runs") / (pathlib.Path(path).stem + (f"_{arg}" if arg else ""))
+
+
+def apply_fakes(config, workdir: pathlib.Path) -> None:
+    """config.fakes == "paper": write stand-ins for the paper's licensed files into
+    <workdir>/fakes/ once (reused when present) and point the config at them
+    (`recon.training.fakes`)."""
+    if config.fakes != "paper":
+        raise app.UsageError(f"unknown config.fakes {config.fakes!r}; known: '' and 'paper'")
+    from recon.training import fakes
+
+    fakes.apply_fakes(config, fakes.make_paper_fakes(workdir / "fakes"))
 
 
 def main(argv):
@@ -54,6 +65,8 @@ def main(argv):
     # for more with --verbosity (absl resets the level when it parses the flags, so set it here).
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    if config.get("fakes", ""):
+        apply_fakes(config, workdir)
     result = trainer.train_and_evaluate(config, workdir)
     print(json.dumps(result, indent=2, default=str))
 

@@ -1,14 +1,15 @@
 """Benchmark: synthetic 2D-3D samples per second, per stage and through the grain loader.
 
-    python benchmarks/data_pipeline.py                        # stages + loader, 224 x 224, K = 2
-    python benchmarks/data_pipeline.py --grid docs/synthetic_samples.png --subjects 0
-    python benchmarks/data_pipeline.py --subjects 0 --workers 0 --image-size 112 --step-seconds 1
+    python benchmarks/data_pipeline.py                        # stages + loader, box crop at 224
+    python benchmarks/data_pipeline.py --grid docs/synthetic_samples.png --subjects 0 --default
+    python benchmarks/data_pipeline.py --default --workers 0 --step-seconds 1   # the default's crop
 
 Prints one JSON line per measurement:
-  * "compile": first call of the jitted device stage (FLAME + crop camera + render + light).
-  * "stages": per-image seconds of the host sampling, the device stage (one call per subject,
-    K images), the host composition (background, occluders, degradations, 112 input), and the
-    in-process samples/s of `make_subject`, for each --images-per-subject value.
+  * "compile": first call of the jitted device stages (FLAME + crop geometry + render + light).
+  * "stages": per-image seconds of the host sampling, the device stages with the crop geometry
+    (`render_batch`, one call per subject, K images), the host composition (background,
+    occluders, degradations, the losses' image), and the in-process samples/s, for each
+    --images-per-subject value.
   * "loader": `recon.data.pipeline.make_loader` over `SyntheticSource` with --workers worker
     processes: seconds to the first batch (worker start + compile) and steady samples/s.
   * "data_wait" (--step-seconds): a loop that does CPU (BLAS) work for the given seconds per
@@ -30,28 +31,25 @@ import numpy as np
 from tqdm import tqdm
 
 import flame_jax
-from recon.data import pipeline, synthetic
+from recon.data import pipeline, sources, synthetic
+from recon.image import crop as crop_lib
 
 
 def measure_stages(model, config, host, images_per_subject: int, subjects: int, seed: int):
     indices = range(images_per_subject)
     start = time.perf_counter()
-    synthetic.render_subject(model, config, 0, indices, seed, host)
+    synthetic.make_subject(model, config, 0, indices, seed, host)
     compile_s = time.perf_counter() - start
     sample_s = render_s = compose_s = 0.0
     for subject in tqdm(range(1, subjects + 1), desc=f"stages K={images_per_subject}"):
         t0 = time.perf_counter()
         scenes = synthetic.sample_scenes(host, config, subject, indices, seed)
         t1 = time.perf_counter()
-        out = synthetic.render_scenes(model, jax.tree.map(jnp.asarray, scenes),
-                                      settings=config.raster_settings)
-        out = jax.tree.map(np.asarray, out)
+        out, _ = synthetic.render_batch(model, config, scenes)
         t2 = time.perf_counter()
         for k in indices:
-            synthetic.compose_example(
-                {name: np.asarray(getattr(out, name))[k] for name in
-                 ("foreground", "alpha", "face_region", "landmarks", "posed_vertices",
-                  "neutral_vertices")}, config, seed=seed, subject_index=subject, image_index=k)
+            synthetic.compose_example({name: value[k] for name, value in out.items()}, config,
+                                      seed=seed, subject_index=subject, image_index=k)
         t3 = time.perf_counter()
         sample_s, render_s, compose_s = sample_s + t1 - t0, render_s + t2 - t1, compose_s + t3 - t2
     images = subjects * images_per_subject
@@ -67,7 +65,7 @@ def measure_stages(model, config, host, images_per_subject: int, subjects: int, 
 def measure_loader(model, config, workers: int, batch_subjects: int, images_per_subject: int,
                    batches: int, seed: int):
     source = synthetic.SyntheticSource(model, config, images_per_subject=images_per_subject,
-                                       seed=seed)
+                                       seed=seed, backbone_kind="dlib")
     start = time.perf_counter()
     loader = pipeline.make_loader(source, batch_subjects=batch_subjects,
                                   images_per_subject=images_per_subject, seed=seed,
@@ -96,7 +94,7 @@ def measure_data_wait(model, config, step_seconds: float, workers: int, batch_su
                       images_per_subject: int, batches: int, seed: int):
     """Fraction of a simulated training loop spent waiting in `next(loader)`."""
     source = synthetic.SyntheticSource(model, config, images_per_subject=images_per_subject,
-                                       seed=seed)
+                                       seed=seed, backbone_kind="dlib")
     loader = pipeline.make_loader(source, batch_subjects=batch_subjects,
                                   images_per_subject=images_per_subject, seed=seed,
                                   num_workers=workers)
@@ -117,21 +115,23 @@ def measure_data_wait(model, config, step_seconds: float, workers: int, batch_su
 
 def write_grid(model, config, path: str, seed: int, subjects: int = 4, images: int = 4,
                tile: int = 112):
-    """Rows = subjects (first images of TRAIN_SUBJECTS), columns = their images; the last
-    column shows the last image's skin mask (dimmed outside) and landmarks."""
+    """Rows = subjects (first images of TRAIN_SUBJECTS), columns = their crops; the last column
+    shows the last image's skin mask (dimmed outside) and landmarks."""
     host = synthetic.HostModel.from_model(model)
     rows = []
     for subject in range(subjects):
         example = synthetic.make_subject(model, config, subject, range(images), seed, host)
         tiles = []
         for k in range(images):
-            image = example["images"][k]
+            image = example["crops"][k]
             if k == images - 1:
-                image = image * (0.25 + 0.75 * example["skin_masks"][k][..., None])
+                mask = cv2.resize(example["skin_masks"][k], image.shape[:2][::-1],
+                                  interpolation=cv2.INTER_LINEAR)
+                image = image * (0.25 + 0.75 * mask[..., None])
             pixels = cv2.resize((image * 255).astype(np.uint8), (tile, tile),
                                 interpolation=cv2.INTER_AREA)
             if k == images - 1:
-                scale = tile / config.image_size
+                scale = tile / config.loss_size
                 for u, v in example["landmarks"][k] * scale:
                     cv2.circle(pixels, (int(u * 4), int(v * 4)), 4, (40, 255, 40), -1,
                                cv2.LINE_AA, shift=2)
@@ -145,7 +145,9 @@ def write_grid(model, config, path: str, seed: int, subjects: int = 4, images: i
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224, help="the box crop's size")
+    parser.add_argument("--default", action="store_true",
+                        help="the default config's crop and scenes instead (configs/default.py)")
     parser.add_argument("--images-per-subject", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--subjects", type=int, default=12, help="timed subjects per K")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 2])
@@ -158,7 +160,18 @@ def main():
     args = parser.parse_args()
 
     model = flame_jax.synthetic()
-    config = synthetic.SyntheticConfig(image_size=args.image_size)
+    config = synthetic.SyntheticConfig(crop=crop_lib.CropSpec(size=args.image_size))
+    if args.default:
+        import importlib.util
+        import pathlib
+
+        path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+        spec = importlib.util.spec_from_file_location("config_default", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        from recon.training.regressor.options import read_options
+
+        config = sources.synthetic_config(read_options(module.get_config("")).data)
     host = synthetic.HostModel.from_model(model)
     print(json.dumps(dict(kind="machine", backend=jax.default_backend(),
                           devices=str(jax.devices()), cpus=os.cpu_count(),

@@ -10,6 +10,7 @@ Prints one JSON line. Detection (MediaPipe) is timed separately from the fit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,7 +30,8 @@ def main() -> None:
     from skimage import data
 
     from recon import predict
-    from recon.photo import detect, fitting
+    from recon.image import detect
+    from recon.photo import fitting
 
     image = data.astronaut()
     options = fitting.FitOptions()
@@ -47,7 +49,7 @@ def main() -> None:
         cpu.append(time.process_time() - cpu_start)
         steady.append(result.seconds)
     if args.overlay:
-        Image.fromarray(reconstructor.overlay(image, face, visuals)).save(args.overlay)
+        Image.fromarray(reconstructor.overlay(image, visuals)).save(args.overlay)
     print(json.dumps({
         "benchmark": "fit astronaut (512x512, 1 face)",
         "steps": {"rigid": options.rigid_steps, "landmarks": options.landmark_steps,
@@ -59,6 +61,7 @@ def main() -> None:
         # CPU seconds of this process (all threads): the figure that does not depend on how
         # busy the machine is.
         "cpu_s_per_photo": round(float(np.median(cpu)), 2) if cpu else None,
+        "crop": dataclasses.asdict(reconstructor.crop),
         "box_size_px": round(face.box_size, 1),
         "landmark_error_px": {"initial": round(result.initial_error_px, 3),
                               "final": round(result.final_error_px, 3)},

@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 import timing
-from recon.now import distance, io as now_io, protocol, scoring, synthetic
+from recon.now import distance, io as now_io, predict, protocol, scoring, synthetic
 
 
 def vertex_normals(vertices, faces):
@@ -119,18 +119,15 @@ def main():
     root = args.work / f"now_{config.key()}"
     if not (root / "complete.json").is_file():
         synthetic.build_synthetic_split(root, config, with_images=False)
-        now_io._write_text(root / "complete.json", "{}\n")
+        now_io.write_file(root / "complete.json", "{}\n")
     print(f"# dataset ready in {time.perf_counter() - start:.1f} s: {root}", flush=True)
     entries = now_io.read_image_list(root / "imagepathsvalidation.txt")
     import flame_jax
 
     model = flame_jax.synthetic(config.model_seed)
-    template_vertices = np.asarray(model.v_template, np.float64)
-    template_landmarks = np.asarray(flame_jax.forward(model, flame_jax.FlameParams.zeros(
-        batch_size=1, model=model)).landmarks[0], np.float64)[list(synthetic.NOW_IBUG_INDICES)]
     rng = np.random.default_rng(0)
-    folders = write_folders(root, args.work / "predictions", entries,
-                            (template_vertices, template_landmarks), rng)
+    folders = write_folders(root, args.work / "predictions", entries, predict.mean_face(model),
+                            rng)
 
     # --- brute-force checks on a subset, same run
     checks = timing.Report("NoW scorer vs brute force (subset)", [
@@ -140,10 +137,16 @@ def main():
         ("brute_us_per_point", "brute force us/point", "{:.0f}"),
         ("cost_ours", "refined cost (ours) mm^2", "{:.2f}"),
         ("cost_icp", "refined cost (ICP/Umeyama, 60 it.) mm^2", "{:.2f}"),
+        ("scan_vertices", "scan vertices", "{:,}"),
+        ("scan_read_ms", "scan read ms (trimesh, recon.now.io.read_mesh)", "{:.0f}"),
     ])
+    import trimesh  # noqa: F401 - imported before the scan read is timed
+
     for entry in entries[:: max(1, len(entries) // 3)][:3]:
         scan_path, pp_path = now_io.find_scan(root, entry.subject)
-        scan, _ = now_io.read_obj(scan_path, need_faces=False)
+        t0 = time.perf_counter()
+        scan, _ = now_io.read_mesh(scan_path)
+        scan_read_s = time.perf_counter() - t0
         scan_landmarks = now_io.read_pp(pp_path)
         mesh_path, lmk_path = now_io.prediction_paths(folders["perfect_lmk2mm"], entry)
         vertices, faces = now_io.read_mesh(mesh_path)
@@ -165,7 +168,8 @@ def main():
                    max_abs_diff_recomputed_mm=float(np.max(np.abs(fast[subset] - brute))),
                    igl_us_per_point=fast_s / len(cropped) * 1e6,
                    brute_us_per_point=brute_s / len(subset) * 1e6,
-                   cost_ours=float(np.sum(score.distances_mm ** 2)), cost_icp=cost_icp)
+                   cost_ours=float(np.sum(score.distances_mm ** 2)), cost_icp=cost_icp,
+                   scan_vertices=len(scan), scan_read_ms=1e3 * scan_read_s)
     checks.print_markdown()
 
     # --- validation-scale timing

@@ -21,8 +21,9 @@ import numpy as np
 import timing
 
 import flame_jax
-from recon import camera as camera_lib
-from recon import rasterizer, render, shading
+from recon.render import camera as camera_lib
+from recon import render
+from recon.render import rasterizer, shading
 
 LIGHTS = {
     # (9, 3) SH coefficients: DECA band order [1, x, y, z, xy, xz, yz, x^2-y^2, 3z^2-1].

@@ -1,21 +1,22 @@
-"""Benchmark: the regressor's jitted training step (recon.trainer), compile time, steps/s, peak
-memory, and what the step spends its time on.
+"""Benchmark: the regressor's jitted training step (recon.training.regressor), compile time,
+steps/s, peak memory, and what the step spends its time on.
 
     python benchmarks/train_step.py                               # default config (CPU size)
     python benchmarks/train_step.py --config paper --repeats 2    # paper: IResNet-100, 16 x 224
     python benchmarks/train_step.py --config both --no-parts
 
-The step is exactly `recon.trainer.make_train_step` jitted by `jit_train_step` on a mesh of all
-devices, fed a fixed random batch (images, landmarks; FLAME heads as 3D targets) so that data
-loading is not measured (see benchmarks/data_pipeline.py for that). Weights are random: the
-paper config's IResNet-100 also serves, frozen, as the identity loss's recognition network
-(the cost the paper's run would pay with ArcFace), and the CoMA encoder is random as well
-(costs do not depend on the values).
+The step is exactly `recon.training.regressor.step.make_train_step` jitted by `jit_train_step`
+on a mesh of all devices, fed a fixed random batch (images, landmarks, backbone inputs or, with
+`model.trunk_cache`, trunk features; FLAME heads as 3D targets) so that data loading is not
+measured (see benchmarks/data_pipeline.py for that). Weights are random for the IResNet (the
+paper config's IResNet-100 also serves, frozen, as the identity loss's recognition network, the
+cost the paper's run would pay with ArcFace); the default's dlib network is the real one, and
+the CoMA encoder is random (costs do not depend on the values).
 
 Parts (--parts, default on): forward + backward of each stage alone, jitted separately, at
-the same batch: backbone + head (image -> code), FLAME (code -> posed and neutral meshes),
-render (mesh -> image), CoMA encoder (3D-ID), the recognition network (identity); then the
-top three are named. The parts overlap with the objective's own arithmetic and the shape-
+the same batch: the trained network (its input -> code), FLAME (code -> posed and neutral
+meshes), render (mesh -> image), CoMA encoder (3D-ID), the recognition network (identity);
+then the top three are named. The parts overlap with the objective's own arithmetic and the shape-
 consistency pass (which runs FLAME, render, encoder and recognition a second time), so they do
 not sum to the step.
 
@@ -40,8 +41,13 @@ import numpy as np
 
 import flame_jax
 import spectral_gcn
-from recon import objective, regressor, render, shading, trainer
+from recon import objective, render
+from recon.image import crop as crop_lib
+from recon.image import preprocess
+from recon.model import build
+from recon.render import shading
 from recon.training import sharding
+from recon.training.regressor import loop, options as options_lib, step as step_lib
 from recon.types import split_code
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -64,19 +70,19 @@ def peak_memory_bytes() -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process max RSS"
 
 
-def random_batch(flame, rows: int, size: int, images_per_subject: int, seed: int = 0) -> dict:
+def random_batch(flame, rows: int, size: int, images_per_subject: int, input_shape: tuple,
+                 seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     shape = np.zeros((rows, flame.num_shape), np.float32)
     shape[:, :20] = rng.normal(size=(rows, 20))
     params = flame_jax.FlameParams.zeros(rows, flame).replace(shape=jnp.asarray(shape))
     vertices = np.asarray(flame_jax.forward(flame, params).vertices, np.float32)
     return {"images": rng.random((rows, size, size, 3), np.float32),
-            "backbone_images": rng.uniform(-1, 1, (rows, 112, 112, 3)).astype(np.float32),
+            "backbone_inputs": rng.uniform(-1, 1, (rows,) + input_shape).astype(np.float32),
             "landmarks": rng.uniform(0.2 * size, 0.8 * size, (rows, 68, 2)).astype(np.float32),
             "landmark_weights": np.ones((rows, 68), np.float32),
             "skin_masks": np.ones((rows, size, size), np.float32),
-            "vertices": vertices, "posed_vertices": vertices,
-            "has_3d": np.ones((rows,), np.float32),
+            "vertices": vertices, "has_3d": np.ones((rows,), np.float32),
             "subject_ids": np.repeat(np.arange(rows // images_per_subject, dtype=np.int32),
                                      images_per_subject)}
 
@@ -95,36 +101,52 @@ def random_encoder(cache_dir: str = "") -> spectral_gcn.FrozenEncoder:
 
 def setup(name: str, batch_subjects: int | None, image_size: int | None):
     config = load_config(name)
-    options = trainer._read_options(config)
-    data = options["data"]
+    options = options_lib.read_options(config)
+    data = options.data
     if batch_subjects:
         data = dataclasses.replace(data, batch_subjects=batch_subjects)
-    size = image_size or data.image_size
-    model_options = dataclasses.replace(options["model"], arcface_path="")
-    weights = options["weights"]
+    size = image_size or data.loss_size
+    model_options = dataclasses.replace(options.model, arcface_path="")
+    weights = options.weights
     flame = flame_jax.synthetic()
-    model, _ = trainer.build_model(model_options, training=True)
-    recognition = None
-    if weights.on("identity"):  # the backbone's random weights, frozen, stand in for ArcFace
-        init = trainer.init_variables(model, None, 1)
-        recognition = (trainer.evaluation_model(model).backbone,
-                       {"params": init["params"]["backbone"],
-                        "batch_stats": init["batch_stats"]["backbone"]})
+    camera = crop_lib.template_camera(data.crop, flame)
+    load = model_options.backbone == "dlib"  # dlib's weights ship; ArcFace's are random here
+    model, imported = build.build_model(model_options, camera=camera, load_weights=load)
+    variables = build.init_variables(model, imported, 0, model_options)
+    train_model, input_shape = model, build.input_shape(model_options)
+    if model_options.trunk_cache:
+        trunk_end = model_options.trunk_end
+        train_model = model.clone(input_kind="features", trunk_end=trunk_end)
+        probe = jnp.zeros((1,) + input_shape)
+        input_shape = jax.eval_shape(lambda x: model.backbone.apply(
+            {"params": variables["params"]["backbone"]}, x, until=trunk_end,
+            method=type(model.backbone).features), probe).shape[1:]
+    recognition, kind = None, model_options.input_kind
+    if weights.on("identity"):
+        if options.recognition.network == "dlib":
+            from recon.model.dlib_resnet import import_dlib_resnet
+            recognition, kind = import_dlib_resnet(), "dlib"
+        else:  # the backbone's random weights, frozen, stand in for ArcFace
+            recognition = (model.backbone, {"params": variables["params"]["backbone"],
+                                            "batch_stats": variables["batch_stats"].get(
+                                                "backbone", {})})
+            kind = "arcface"
     encoder = random_encoder(config.cache_dir) if weights.on("id_3d") else None
-    assets = objective.make_assets(flame, encoder=encoder, recognition=recognition)
-    optimizer_fn = lambda params: trainer.make_optimizer(  # noqa: E731
-        params, model_options, options["optim"], options["loop"].steps)
-    state = trainer.create_state(model, None, optimizer_fn, seed=0)
-    labels = regressor.trainable_labels(
-        state.params, trainable_prefixes=trainer.trainable_prefixes(model_options))
-    step_options = trainer.StepOptions(weights=weights, images_per_subject=data.images_per_subject,
-                                       image_size=(size, size))
+    assets = objective.make_assets(flame, encoder=encoder, recognition=recognition,
+                                   recognition_input_kind=kind)
+    labels = build.trainable_labels(variables["params"], model_options)
+    optimizer = step_lib.make_optimizer(labels, options.optim, options.loop.steps)
+    state = step_lib.create_state(variables, optimizer)
+    step_options = step_lib.StepOptions(weights=weights,
+                                        images_per_subject=data.images_per_subject,
+                                        image_size=(size, size))
     mesh = sharding.make_mesh()
-    step = trainer.jit_train_step(
-        trainer.make_train_step(model, optimizer_fn(state.params), step_options, labels), mesh)
-    host = random_batch(flame, data.global_batch_size, size, data.images_per_subject)
-    batch = sharding.shard_batch(trainer._to_batch(host), mesh)
-    return dict(name=name, model=model, model_options=model_options, state=state,
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(train_model, optimizer, step_options, labels), mesh)
+    host = random_batch(flame, data.global_batch_size, size, data.images_per_subject,
+                        tuple(input_shape))
+    batch = sharding.shard_batch(step_lib.to_batch(host), mesh)
+    return dict(name=name, model=train_model, model_options=model_options, state=state,
                 assets=sharding.replicate(assets, mesh), step=step, batch=batch, mesh=mesh,
                 size=size, rows=data.global_batch_size, weights=weights,
                 step_options=step_options, flame=flame)
@@ -151,15 +173,15 @@ def measure_step(parts: dict, repeats: int) -> dict:
 
 def measure_parts(parts: dict, repeats: int) -> dict:
     """Forward + backward seconds of each stage alone (jitted), at the step's batch."""
-    model = trainer.evaluation_model(parts["model"])  # running BN statistics: same cost
+    model = parts["model"]
     batch, assets = parts["batch"], parts["assets"]
     variables = {"params": parts["state"].params, "batch_stats": parts["state"].batch_stats}
     flame = assets.flame
-    code = split_code(model.apply(variables, batch.backbone_images))
+    code = split_code(model.apply(variables, batch.backbone_inputs))
 
-    def backbone_head(params):
+    def network(params):
         vector = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                             batch.backbone_images, train=True)
+                             batch.backbone_inputs, train=False)
         return jnp.sum(vector ** 2)
 
     def flame_posed_neutral(code):
@@ -178,7 +200,7 @@ def measure_parts(parts: dict, repeats: int) -> dict:
         return jnp.mean(jnp.abs(out.image - batch.images))
 
     candidates = {
-        "backbone + head": (jax.jit(jax.grad(backbone_head)), (variables["params"],)),
+        "trained network (input -> code)": (jax.jit(jax.grad(network)), (variables["params"],)),
         "FLAME (posed + neutral)": (jax.jit(jax.grad(flame_posed_neutral)), (code,)),
     }
     if objective.needs_render(parts["weights"]):
@@ -188,11 +210,12 @@ def measure_parts(parts: dict, repeats: int) -> dict:
         encode = lambda v: jnp.sum(spectral_gcn.encode(assets.encoder, v) ** 2)  # noqa: E731
         candidates["CoMA encoder (3D-ID)"] = (jax.jit(jax.grad(encode)), (vertices,))
     if assets.recognition_network is not None:
-        network, rec_vars = assets.recognition_network, assets.recognition_variables
+        network_, rec_vars = assets.recognition_network, assets.recognition_variables
+        kind = assets.recognition_input_kind
 
         def recognise(images):
-            small = jax.image.resize(images, (images.shape[0], 112, 112, 3), "linear")
-            return jnp.sum(network.apply(rec_vars, small * 2.0 - 1.0) ** 2)
+            inputs = preprocess.backbone_input_jax(images, kind)
+            return jnp.sum(network_.apply(rec_vars, inputs) ** 2)
 
         candidates["recognition network (identity)"] = (jax.jit(jax.grad(recognise)),
                                                         (batch.images,))

@@ -8,7 +8,7 @@ Default: 2048 synthetic FLAME heads (identity N(0,1) on all 300 components, expr
 on all 100, jaw opening U(0, 0.25) rad, canonical pose), 256 held-out heads, batch 16,
 Adam 1e-3 with cosine decay, L1 on normalised coordinates. Running the same command again on
 the same workdir resumes from the latest checkpoint (a different config fails, naming keys).
-Measured before the move to recon.coma_trainer (2-core CPU shared with other jobs; same model,
+Measured before the move to recon.training.coma (2-core CPU shared with other jobs; same model,
 data and optimizer): default 600 steps in 434 s, held-out mean per-vertex error 3.50 mm (PCA
 with 8 components on the same training meshes: 2.97 mm; mean mesh: 5.41 mm);
 `--config.steps=3000`: 1632 s, 3.36 mm; `--config.learning_rate=3e-3 --config.steps=2000`:

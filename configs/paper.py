@@ -18,8 +18,17 @@ and DECA's 2D weights; MICA-format data (`data.root`, `data.names`), FLAME 2020 
 (`flame.path`, `flame.masks`, `flame.texture`).
 
 Without those files it stops at once with one error naming every missing entry.
-The 3D-ID loss's CoMA encoder: trained on synthetic heads and cached as in configs/default.py,
-or `coma_checkpoint_dir` (e.g. a CoMA trained on registrations with configs/coma.py).
+
+    python train.py --config configs/paper.py:smoke --workdir runs/paper_smoke
+
+runs the same path on stand-ins written into <workdir>/fakes/ (`config.fakes = "paper"`,
+`recon.training.fakes`: FLAME 2020-format pickle, masks, texture, ArcFace-layout ONNX IResNet
+1-1-1-1, MICA-format tree of 4 rendered actors x 3 images with landmark files), 3 steps of
+2 actors x 2 images: about 3 min on a busy 2-core CPU from nothing (fakes 30 s, tiny CoMA 20 s,
+compiling the step 55 s and the evaluation 30 s), 1.8 min once the fakes and CoMA exist.
+The 3D-ID loss's CoMA encoder: trained on 20,000 heads of the run's FLAME model (30k steps, see
+`config.coma` below) and cached per FLAME digest, or `coma_checkpoint_dir` (e.g. a CoMA trained
+on registrations with configs/coma.py), checked against the run's mesh topology.
 Runtime: not measured here (no GPU was lent); the per-step cost is in benchmarks/train_step.py.
 """
 
@@ -43,6 +52,7 @@ def get_config(arg: str = ""):
     config.flame.masks = ""                     # required: FLAME_masks.pkl
     config.flame.texture = ""                   # FLAME_texture.npz (the 2D losses' albedo)
 
+    config.model.backbone = "iresnet"
     config.model.stages = (3, 13, 30, 3)        # IResNet-100
     config.model.width = 64
     config.model.embedding_size = 512
@@ -50,8 +60,17 @@ def get_config(arg: str = ""):
     config.model.head_num_hidden = 3
     config.model.trainable = "last_stage"
     config.model.batch_norm = "running"         # ArcFace's statistics, frozen (as MICA)
-    config.model.arcface_path = ""             # required: ArcFace weights
-    config.recognition_arcface_path = config.model.get_ref("arcface_path")
+    config.model.arcface_path = ""              # required: ArcFace weights
+    config.model.dlib_path = ""
+    config.model.dlib_output = "descriptor"
+    config.model.trunk_cache = False            # real data: every image is read as it comes
+    config.model.feature_norm = "l2"            # MICA's L2-normalised ArcFace embedding
+    config.model.dtype = "auto"                 # bfloat16 on GPU/TPU, float32 on CPU
+    config.model.param_dtype = "float32"
+    config.model.precision = "default"
+    # The identity term's network: the same ArcFace, frozen.
+    config.recognition.network = "arcface"
+    config.recognition.path = config.model.get_ref("arcface_path")
 
     config.optim.learning_rate = 1e-5
     config.optim.weight_decay = 2e-4
@@ -59,15 +78,36 @@ def get_config(arg: str = ""):
     config.optim.final_lr_fraction = 1.0        # constant learning rate
     config.optim.grad_clip_norm = 0.0
 
-    config.loss.identity = 0.2                  # DECA's weight; needs the recognition network
+    config.loss.identity = 0.2                  # DECA's weight
 
     config.data.source = "mica"
     config.data.root = ""                       # required: MICA-format datasets root
     config.data.names = ()                      # required: dataset names under data.root
+    # MICA's arcface_input crops: insightface's 5-point norm_crop at 224 (the backbone sees them
+    # at 112, the 2D losses at 224).
+    config.data.crop.anchor = "arcface_five_points"
+    config.data.crop.size = 224
+    config.data.image_size = 224
+    config.data.pool = False
     config.data.batch_subjects = 8
     config.data.images_per_subject = 2
-    config.data.image_size = 224
     config.data.num_workers = 4
+    config.data.mica_landmarks = "detected"
+
+    # The 3D-ID loss's CoMA encoder, sized for the paper: trained on heads of the run's own FLAME
+    # (FLAME 2020: its identity space at the prior's spread, expressions and jaw as MICA's
+    # neutral-ish meshes), 20,000 training and 1,000 held-out heads, 30k steps of 32 (CoMA's
+    # ~300 epochs of 20k meshes at batch 16 is ~375k; the encoder only has to rank identities),
+    # cached per (config, mesh hierarchy, FLAME digest). Registered scans instead:
+    # --config.coma.data.source=folder --config.coma.data.folder=DIR; or a trained one:
+    # --config.coma_checkpoint_dir=runs/coma/checkpoints (checked against the FLAME topology).
+    config.coma.data.shape_std = 1.0
+    config.coma.data.num_train = 20_000
+    config.coma.data.num_test = 1_000
+    config.coma.steps = 30_000
+    config.coma.batch_size = 32
+    config.coma.checkpoint_every = 5_000
+    config.coma.log_every = 100
 
     config.steps = 160_000
     config.log_every = 100
@@ -76,10 +116,31 @@ def get_config(arg: str = ""):
     config.image_every = 5_000
     config.eval_batch_size = 16
 
-    if arg == "smoke":  # the paper's model and losses at test size (still needs the files)
-        config.steps = 2
+    # "paper": train.py writes stand-ins for the licensed files (recon.training.fakes: a FLAME
+    # 2020-format pickle with masks and texture, an ArcFace-layout ONNX IResNet, a MICA-format
+    # tree of rendered heads with landmark files) into <workdir>/fakes/ and points the config
+    # at them; '' = the files named above.
+    config.fakes = ""
+
+    if arg == "smoke":  # the paper's whole path on the fakes, at test size
+        config.fakes = "paper"
+        config.model.head_hidden_size = 32
+        config.model.head_num_hidden = 1
+        config.data.batch_subjects = 2      # 4 images of 224 x 224 per step
+        config.data.num_workers = 0
+        config.data.num_eval_subjects = 2
+        config.eval_batch_size = 4
+        # A tiny CoMA for the 3D-ID loss, trained on heads of the run's (fake) FLAME model.
+        config.coma.data.num_train = 16
+        config.coma.data.num_test = 8
+        config.coma.eval_batch_size = 4
+        config.coma.steps = 2
+        config.coma.batch_size = 4
+        config.coma.checkpoint_every = 2
+        config.coma.log_every = 1
+        config.steps = 3
         config.log_every = 1
-        config.checkpoint_every = 2
+        config.checkpoint_every = 3
         config.eval_every = 0
         config.image_every = 0
     return config

@@ -6,11 +6,11 @@
     out = flame_jax.forward(model, params)        # out.vertices (8, 5023, 3) metres
 """
 
-from flame_jax.model import FlameModel, FlameOutput, FlameParams
+from flame_jax.model import FlameModel, FlameOutput, FlameParams, digest
 from flame_jax.flame import forward
 from flame_jax.errors import FlameFileError, FlameFileNotFoundError
 from flame_jax.io import load, save
 from flame_jax.procedural import synthetic
 
-__all__ = ["FlameModel", "FlameParams", "FlameOutput", "forward", "load", "save", "synthetic",
+__all__ = ["FlameModel", "FlameParams", "FlameOutput", "digest", "forward", "load", "save", "synthetic",
            "FlameFileError", "FlameFileNotFoundError"]

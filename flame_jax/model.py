@@ -7,6 +7,7 @@ Every array is documented with its shape. Units are metres and radians (axis-ang
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Mapping, Optional, Tuple
 
 import jax
@@ -296,6 +297,19 @@ def to_numpy(model: FlameModel) -> dict:
         out[f"mask_{name}"] = np.asarray(idx)
     out["parents"] = np.asarray(model.parents, np.int32)
     return out
+
+
+def digest(model: FlameModel) -> str:
+    """sha256 hex digest of every array of the model (float32/int32 bytes, names sorted) and its
+    masks: equal for the same model from any file format, different when any array differs.
+    Caches keyed by a model (the 3D-ID encoder, rendered training pools) use it."""
+    hasher = hashlib.sha256()
+    for name, value in sorted(to_numpy(model).items()):
+        value = np.asarray(value)
+        value = value.astype(np.int32 if np.issubdtype(value.dtype, np.integer) else np.float32)
+        hasher.update(f"{name}:{value.shape};".encode())
+        hasher.update(np.ascontiguousarray(value).tobytes())
+    return hasher.hexdigest()
 
 
 def from_numpy(arrays: Mapping, *, dtype=jnp.float32) -> FlameModel:

@@ -13,7 +13,7 @@ Regularisers: `squared_norm_regularizer` (shape/expression/texture), `light_regu
 
 DECA's 2D losses work in NDC (landmarks / (size / 2) - 1) and its weights (landmark 1.0, eye
 1.0, lip 0.5) are for those units; we keep them by converting pixel landmarks with
-`recon.camera.pixels_to_ndc` (1 NDC unit = 112 px at 224). Every function checks its shapes and
+`recon.render.camera.pixels_to_ndc` (1 NDC unit = 112 px at 224). Every function checks its shapes and
 raises ValueError naming the argument.
 """
 
@@ -25,10 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import flame_jax
 import spectral_gcn
-from recon import camera as camera_lib
+from recon.image import preprocess
+from recon.render import camera as camera_lib
 from recon.types import Code
 
 Array = jax.Array
@@ -130,10 +132,9 @@ def id_3d_loss(encoder: spectral_gcn.FrozenEncoder, pred_vertices: Array, gt_ver
     return 1.0 - _cosine(pred_latent, gt_latent)
 
 
-def _cosine(a: Array, b: Array, eps: float = 1e-8) -> Array:
-    # torch.nn.functional.cosine_similarity's form: a.b / max(|a| |b|, eps).
-    norms = jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
-    return jnp.sum(a * b, -1) / jnp.maximum(norms, eps)
+def _cosine(a: Array, b: Array) -> Array:
+    # optax's cosine similarity; each norm floored at 1e-8 (a zero vector gives 0, not NaN).
+    return optax.losses.cosine_similarity(a, b, epsilon=1e-8)
 
 
 # ----------------------------------------------------------------------------------- 2D losses
@@ -153,7 +154,7 @@ def landmark_loss_ndc(pred_landmarks_px: Array, gt_landmarks_px: Array, visibili
     same when every landmark is visible).
 
     Args:
-      pred_landmarks_px, gt_landmarks_px: (B, 68, 2) pixels of the crop (`recon.camera`).
+      pred_landmarks_px, gt_landmarks_px: (B, 68, 2) pixels of the crop (`recon.render.camera`).
       visibility: (B, 68) in [0, 1], 0 for missing landmarks (`Batch.landmark_weights`).
       image_size: (H, W) of the crop.
       landmark_weights: (68,), default `deca_landmark_weights()`.
@@ -250,35 +251,28 @@ def photometric_loss(rendered_images: Array, alpha: Array, images: Array, mask: 
     return jnp.mean(mask[..., None] * jnp.abs(predicted - images), axis=(1, 2, 3))
 
 
-def recognition_input(images: Array, size: int = 112) -> Array:
-    """(B, H, W, 3) RGB in [0, 1] -> (B, size, size, 3) ArcFace input ((pixel - 127.5) / 127.5),
-    resized (antialiased bilinear) like the default backbone input of the 224 crop."""
-    _check("images", images, (None, None, None, 3))
-    if images.shape[1:3] != (size, size):
-        images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear",
-                                  antialias=True)
-    return images * 2.0 - 1.0
-
-
 def identity_loss(network: nn.Module, variables: dict, rendered_images: Array, images: Array, *,
-                  input_size: int = 112) -> Array:
+                  input_kind: str = "arcface") -> Array:
     """1 - cos between a frozen recognition network's embeddings of the rendering and the image.
 
     Args:
-      network: Flax module `(images (B, s, s, 3), train=False) -> (B, D)`, e.g. the frozen
-        IResNet of `recon.backbone.import_arcface`.
+      network: Flax module `(inputs (B, n, n, 3), train=False) -> (B, D)`, e.g. the frozen
+        IResNet of `recon.model.import_arcface` or dlib's `recon.model.import_dlib_resnet`.
       variables: its variables (no gradient reaches them).
       rendered_images: (B, H, W, 3) in [0, 1], e.g. the rendered face composited over the image.
       images: (B, H, W, 3) in [0, 1].
+      input_kind: how the network reads an image (`recon.image.backbone_input_jax`: "arcface"
+        112 px normalised, "dlib" 150 px 0..255), both inputs resized the same way.
     Returns:
       (B,) in [0, 2].
     """
     _check("images", images, (None, None, None, 3))
     _check_same("rendered_images", rendered_images, "images", images)
     variables = jax.lax.stop_gradient(variables)
-    both = recognition_input(jnp.concatenate([rendered_images, images], 0), input_size)
+    both = preprocess.backbone_input_jax(jnp.concatenate([rendered_images, images], 0),
+                                         input_kind)
     embeddings = network.apply(variables, both, train=False)
-    rendered, target = jnp.split(embeddings, 2, axis=0)
+    rendered, target = jnp.split(embeddings.astype(jnp.float32), 2, axis=0)
     return 1.0 - _cosine(rendered, jax.lax.stop_gradient(target))
 
 

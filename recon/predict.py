@@ -4,16 +4,27 @@
 Modes:
   --fit                analysis-by-synthesis fitting through our renderer (`recon.photo.fitting`);
                        needs no trained weights. The default when no --checkpoint is given.
-  --checkpoint DIR     the trained regressor (`recon.trainer.load_predictor(DIR)`) on the crop.
-  --checkpoint DIR --fit  the regressed code initialises the fit.
+  --checkpoint DIR     the trained regressor (`recon.inference.load_predictor(DIR)`) on its crop.
+  --checkpoint DIR --fit  the regressed code initialises the fit (in the regressor's crop).
+
+Photos are read with `recon.image.read_image(path, apply_exif_orientation=True)` (phone photos
+are turned upright before detection); faces, boxes and iBUG-68 landmarks come from
+`recon.image.detect.FaceDetector`. The face crop (`recon.image.crop_image`) is the one the model
+works in: with --checkpoint the regressor's own `predictor.crop` (the `CropSpec` it was trained
+on, stored with the checkpoint: box anchors from the detected box, landmark anchors from the
+detected 68 landmarks, at its size, e.g. 150 px); without, `FIT_CROP` (1.6 x the mean side of
+the detected box, 224 px). Fitted landmarks and overlays map back to the photo through the
+crop's inverse (`Crop.to_image`).
 
 Per image `<stem>` (`<stem>_face<i>` for every face with --all-faces; else the largest face):
   DIR/<stem>.obj, .ply, .glb   posed FLAME mesh, metres (model frame, no camera);
   DIR/<stem>.npy               NoW's 7 landmarks (7, 3) of that mesh, metres;
   DIR/<stem>_code.npz          the code fields (shape, pose, expression, texture, camera, light;
-                               1-D arrays; camera in the 224 crop's NDC);
+                               1-D arrays; camera in the NDC of the crop: `FIT_CROP`, or the
+                               checkpoint's crop with --checkpoint);
   DIR/<stem>_overlay.png       input crop | shaded render | render over the input with the
-                               detected (green) and fitted (red) landmarks;
+                               detected (green) and fitted (red) landmarks, each panel the crop
+                               at `overlay_factor(crop size)` x its size (448 px for 224 crops);
   DIR/<stem>.json              {"box", "landmark_set", "landmarks_detected", "landmarks_fitted",
                                "landmark_error_px": {"initial", "final"}} in image pixels.
 DIR/failures.json lists the files that failed ([] when none: unreadable file, no face, or an error
@@ -32,9 +43,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from recon.image.crop import CropSpec
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # NoW's 7 points (iBUG-68 36, 39, 42, 45, 33, 48, 54) as indices into FLAME's 51 static landmarks.
 NOW_STATIC_INDICES = (19, 22, 25, 28, 16, 31, 37)
+# The crop of fitting without a regressor: NoW's and DECA's (1.6 x the mean side of the face box,
+# centred on it, no rotation) at 224 px.
+FIT_CROP = CropSpec(anchor="box", scale=1.6, box_side="mean", size=224)
+# The overlay panels' side aimed at: the crop size times the integer nearest OVERLAY_SIZE / size,
+# so the render is an exact zoom of the crop's view (448 for 224 crops, 450 for 150).
 OVERLAY_SIZE = 448
 DETECTED_COLOR = (40, 220, 40)
 FITTED_COLOR = (255, 40, 40)
@@ -68,19 +86,15 @@ class FaceReconstruction:
 
 
 def load_regressor(checkpoint: str) -> Callable:
-    """`recon.trainer.load_predictor(checkpoint)`: (B, 224, 224, 3) [0, 1] crops -> Code."""
+    """`recon.inference.load_predictor(checkpoint)`: a `Predictor`, (B, S, S, 3) crops in [0, 1]
+    cut with its `.crop` -> Code. Raises FileNotFoundError for a missing directory and
+    `PredictorLoadError` (a ValueError) for one that holds no regressor."""
     path = pathlib.Path(checkpoint)
-    if not path.exists():
+    if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
-    try:
-        from recon import trainer  # noqa: PLC0415 - heavy, only for the regression mode
-    except ImportError as error:
-        raise ImportError(f"--checkpoint needs recon.trainer, which could not be imported: "
-                          f"{error}") from error
-    if not hasattr(trainer, "load_predictor"):
-        raise ImportError("--checkpoint needs recon.trainer.load_predictor, which this version "
-                          "of recon.trainer does not provide")
-    return trainer.load_predictor(str(path))
+    from recon import inference  # noqa: PLC0415 - heavy, only for the regression mode
+
+    return inference.load_predictor(path)
 
 
 def now_landmarks(landmarks_68: np.ndarray) -> np.ndarray:
@@ -88,8 +102,18 @@ def now_landmarks(landmarks_68: np.ndarray) -> np.ndarray:
     return np.asarray(landmarks_68)[..., 17:, :][..., list(NOW_STATIC_INDICES), :]
 
 
+def overlay_factor(crop_size: int) -> int:
+    """The integer zoom of the overlay panels over a crop of `crop_size` pixels."""
+    return max(1, int(round(OVERLAY_SIZE / int(crop_size))))
+
+
 class Reconstructor:
-    """Holds the FLAME model, fitting assets and the optional regressor; call it per face."""
+    """Holds the FLAME model, fitting assets, the crop spec and the optional regressor; call it
+    per face.
+
+    crop: the regressor's `predictor.crop` (it must have one: a model predicts only from the crop
+    it was trained on), else `FIT_CROP`.
+    """
 
     def __init__(self, *, fit: bool, predictor: Optional[Callable] = None,
                  flame_model_path: Optional[str] = None, fit_options=None):
@@ -98,9 +122,17 @@ class Reconstructor:
 
         if not fit and predictor is None:
             raise ValueError("nothing to do: fit=False and no predictor")
+        if predictor is None:
+            self.crop = FIT_CROP
+        else:
+            crop = getattr(predictor, "crop", None)
+            if not isinstance(crop, CropSpec):
+                raise TypeError(f"the predictor must say which crop it predicts from (.crop, a "
+                                f"recon.image.CropSpec), got {crop!r}")
+            self.crop = crop
         synthetic = flame_jax.synthetic()
         # The FLAME model decoding the codes: the given file, else the one the regressor was
-        # trained with (`recon.trainer.Predictor.flame`), else the built-in one.
+        # trained with (`recon.inference.Predictor.flame`), else the built-in one.
         if flame_model_path:
             self.model = flame_jax.load(flame_model_path)
         elif getattr(predictor, "flame", None) is not None:
@@ -112,26 +144,37 @@ class Reconstructor:
         self.predictor = predictor
         self.options = fit_options or fitting.FitOptions()
 
+    def crop_face(self, image: np.ndarray, face):
+        """The `recon.image.Crop` of a detected face with `self.crop` (box anchors from its
+        box, landmark anchors from its 68 landmarks)."""
+        from recon.image import crop_image  # noqa: PLC0415
+
+        return crop_image(image, self.crop, box=face.box, landmarks=face.landmarks_68)
+
     def __call__(self, image: np.ndarray, face) -> tuple[FaceReconstruction, dict]:
-        """-> (FaceReconstruction, visuals {crop (224,224,3), transform, landmarks_crop,
-        fitted_crop, code (Code)}) for one detected `recon.photo.detect.Face`."""
-        import jax.numpy as jnp  # noqa: PLC0415
-        from recon.photo import detect, fitting  # noqa: PLC0415
+        """-> (FaceReconstruction, visuals {crop (`recon.image.Crop`, S x S), landmarks_crop
+        (68, 2), fitted_crop (68, 2) crop pixels, code (Code)}) for one detected
+        `recon.image.detect.Face` in an (H, W, 3) uint8 image."""
+        from recon.image import crop as crop_lib  # noqa: PLC0415
+        from recon.image import detect  # noqa: PLC0415
+        from recon.photo import fitting  # noqa: PLC0415
         from recon.types import Code  # noqa: PLC0415
 
         start = time.perf_counter()
-        crop, transform = detect.crop_from_box(image, face.box)
-        to_crop = np.linalg.inv(transform)
-        landmarks_crop = detect.apply_transform(to_crop, face.landmarks_68)[None].astype(np.float32)
+        size = self.crop.size
+        crop = self.crop_face(image, face)
+        landmarks_crop = crop.to_crop(face.landmarks_68)[None].astype(np.float32)
         weights = detect.landmark_weights()[None]
         if self.predictor is not None:
-            init = self.predictor(jnp.asarray(crop[None]))
+            init = self.predictor(crop.image[None])
             if not isinstance(init, Code):
                 raise TypeError(f"the predictor must return a recon.types.Code, got "
                                 f"{type(init).__name__}")
         else:
-            init = fitting.initial_code(self.model, landmarks_crop, weights, self.options)
-        target = fitting.make_target(crop[None], landmarks_crop, weights, np.asarray(init.camera),
+            init = fitting.initial_code(self.model, landmarks_crop, weights, self.options,
+                                        image_size=size)
+        target = fitting.make_target(crop.image[None], landmarks_crop, weights,
+                                     np.asarray(init.camera),
                                      skin_colour_mask_on=self.options.skin_colour_mask)
         if self.fit:
             result = fitting.fit(self.assets, target, init, self.options)
@@ -139,14 +182,15 @@ class Reconstructor:
             initial_crop_px = float(result.initial_error_px[0])
         else:
             code = init
-            fitted_crop = np.asarray(fitting.landmarks_2d(code, self.model))[0]
+            fitted_crop = np.asarray(fitting.landmarks_2d(code, self.model, image_size=size))[0]
             initial_crop_px = None
         flame = fitting.flame_forward(self.model, code.flame_params())
         landmarks_3d = np.asarray(flame.landmarks)[0]
-        fitted_image = detect.apply_transform(transform, fitted_crop)
+        fitted_image = crop.to_image(fitted_crop)
         final = float(np.mean(np.linalg.norm(fitted_image - face.landmarks_68, axis=-1)))
-        # Crop and image pixels differ by the crop's uniform scale.
-        initial = final if initial_crop_px is None else initial_crop_px * float(transform[0, 0])
+        # Crop and image pixels differ by the crop's uniform scale (a similarity).
+        initial = final if initial_crop_px is None else \
+            initial_crop_px / crop_lib.similarity_scale(crop.matrix)
         seconds = time.perf_counter() - start
         reconstruction = FaceReconstruction(
             code={name: np.asarray(getattr(code, name))[0] for name in
@@ -154,17 +198,23 @@ class Reconstructor:
             vertices=np.asarray(flame.vertices)[0], landmarks_3d=landmarks_3d,
             now_landmarks=now_landmarks(landmarks_3d), landmarks_fitted=fitted_image,
             initial_error_px=initial, final_error_px=final, seconds=seconds)
-        visuals = {"crop": crop, "transform": transform, "landmarks_crop": landmarks_crop[0],
-                   "fitted_crop": fitted_crop, "code": code}
+        visuals = {"crop": crop, "landmarks_crop": landmarks_crop[0], "fitted_crop": fitted_crop,
+                   "code": code}
         return reconstruction, visuals
 
-    def overlay(self, image: np.ndarray, face, visuals: dict) -> np.ndarray:
-        """(448, 1344, 3) uint8: input crop | shaded render | render over the input."""
-        from recon import render as render_lib, shading  # noqa: PLC0415
-        from recon.photo import detect, fitting  # noqa: PLC0415
+    def overlay(self, image: np.ndarray, visuals: dict) -> np.ndarray:
+        """(k S, 3 k S, 3) uint8, k = `overlay_factor(S)`: input crop | shaded render | render
+        over the input, the crop of `visuals` redrawn k times larger from the photo."""
+        from recon import render as render_lib  # noqa: PLC0415
+        from recon.image import crop as crop_lib  # noqa: PLC0415
+        from recon.photo import fitting  # noqa: PLC0415
+        from recon.render import shading  # noqa: PLC0415
 
-        size = OVERLAY_SIZE
-        crop, _ = detect.crop_from_box(image, face.box, size=size)
+        factor = overlay_factor(self.crop.size)
+        size = factor * self.crop.size
+        # The same window k times larger: image -> crop, then a zoom by k (exact, also for the
+        # landmark anchors, whose matrices are not linear in the crop size).
+        pixels = crop_lib.warp(image, factor * np.asarray(visuals["crop"].matrix), size)
         code = visuals["code"]
         flame = fitting.flame_forward(self.model, code.flame_params())
         albedo = shading.albedo_from_texture(self.assets.albedo_mean, self.assets.albedo_basis,
@@ -172,23 +222,12 @@ class Reconstructor:
         # The camera is in NDC, so the same code renders the same view at any resolution.
         rendered = render_lib.render(
             flame.vertices, self.model.faces, code.camera, code.sh_light, albedo,
-            settings=overlay_settings(size), sigma=0.5)
+            settings=fitting.raster_settings(size), sigma=0.5)
         if int(rendered.overflow[0]):
             print(f"warning: overlay render incomplete ({int(rendered.overflow[0])} triangles or "
                   f"tiles over capacity)", file=sys.stderr)
-        scale = size / 224.0
-        return overlay_panels(crop, np.asarray(rendered.image)[0],
-                              np.asarray(rendered.mask)[0],
-                              visuals["landmarks_crop"] * scale, visuals["fitted_crop"] * scale)
-
-
-def overlay_settings(size: int):
-    """Raster settings for a size x size overlay: at 448 px FLAME's triangles are twice as big as
-    at 224, so one more window class (8 px) and twice the tiles (no overflow for s = 6...14)."""
-    from recon import rasterizer  # noqa: PLC0415
-
-    return rasterizer.RasterSettings(height=size, width=size, window_sizes=(2, 4, 8),
-                                     tile_capacity=16384)
+        return overlay_panels(pixels, np.asarray(rendered.image)[0], np.asarray(rendered.mask)[0],
+                              factor * visuals["landmarks_crop"], factor * visuals["fitted_crop"])
 
 
 def overlay_panels(crop: np.ndarray, render_image: np.ndarray, mask: np.ndarray,
@@ -268,9 +307,9 @@ def list_images(source: pathlib.Path) -> list[pathlib.Path]:
 def process_image(path: pathlib.Path, out_dir: pathlib.Path, detector, reconstructor,
                   *, all_faces: bool) -> list[FaceReconstruction]:
     """Detect, reconstruct and write one image; raises ImageReadError / NoFaceError."""
-    from recon.photo import detect  # noqa: PLC0415
+    from recon.image import detect, read_image  # noqa: PLC0415
 
-    image = detect.read_image(path)
+    image = read_image(path, apply_exif_orientation=True)
     faces = detector(image)
     if not faces:
         raise NoFaceError(f"{path}: no face found")
@@ -279,7 +318,7 @@ def process_image(path: pathlib.Path, out_dir: pathlib.Path, detector, reconstru
     for index, face in enumerate(chosen):
         stem = f"{path.stem}_face{index}" if all_faces else path.stem
         reconstruction, visuals = reconstructor(image, face)
-        overlay = reconstructor.overlay(image, face, visuals)
+        overlay = reconstructor.overlay(image, visuals)
         write_outputs(out_dir, stem, face, reconstruction, np.asarray(reconstructor.model.faces),
                       overlay, detect.LANDMARK_SET)
         results.append(reconstruction)
@@ -298,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit", action="store_true",
                         help="analysis-by-synthesis fit (the default without --checkpoint)")
     parser.add_argument("--checkpoint", default=None,
-                        help="trained regressor directory (recon.trainer.load_predictor)")
+                        help="trained regressor workdir (recon.inference.load_predictor); its "
+                             "stored crop spec cuts the photo")
     parser.add_argument("--flame-model", default=None,
                         help="FLAME model file for flame_jax.load (default: the regressor's "
                              "own FLAME with --checkpoint, else the built-in synthetic FLAME)")
@@ -314,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm import tqdm  # noqa: PLC0415
-    from recon.photo import detect, fitting  # noqa: PLC0415
+    from recon.image import ImageReadError, detect  # noqa: PLC0415
+    from recon.photo import fitting  # noqa: PLC0415
 
     fit = args.fit or args.checkpoint is None
     out_dir = pathlib.Path(args.out)
@@ -324,16 +365,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rigid_steps=args.rigid_steps, landmark_steps=args.landmark_steps,
             appearance_steps=args.appearance_steps, photometric_steps=args.photometric_steps)
         predictor = load_regressor(args.checkpoint) if args.checkpoint else None
+        if not images:
+            raise FileNotFoundError(f"{args.source}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        reconstructor = Reconstructor(fit=fit, predictor=predictor,
+                                      flame_model_path=args.flame_model, fit_options=options)
         detector = detect.FaceDetector()
     except (FileNotFoundError, ImportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not images:
-        print(f"error: {args.source}: no images ({', '.join(IMAGE_SUFFIXES)})", file=sys.stderr)
-        return 2
     out_dir.mkdir(parents=True, exist_ok=True)
-    reconstructor = Reconstructor(fit=fit, predictor=predictor, flame_model_path=args.flame_model,
-                                  fit_options=options)
     failures, seconds = [], []
     mode = ("regression + fit" if args.checkpoint and fit else
             "regression" if args.checkpoint else "fit")
@@ -342,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 results = process_image(path, out_dir, detector, reconstructor,
                                         all_faces=args.all_faces)
-            except detect.ImageReadError as error:
+            except ImageReadError as error:
                 failures.append({"file": str(path), "reason": "unreadable", "error": str(error)})
             except NoFaceError as error:
                 failures.append({"file": str(path), "reason": "no_face", "error": str(error)})

@@ -1,8 +1,9 @@
 """The pytrees that travel through the reconstruction pipeline: `Code`, `Batch`, `Prediction`.
 
 `split_code` is the one place the regressor's 486-d vector is cut, and `Code.flame_params` the one
-place FLAME parameters are built from a code. Units: metres for vertices, pixels of the 224 crop
-for 2D landmarks, radians (axis-angle) for poses.
+place FLAME parameters are built from a code; `NOW_LANDMARKS_68` the one place NoW's 7 points are
+named on FLAME's landmarks. Units: metres for vertices, pixels of the image (crop) for 2D
+landmarks, radians (axis-angle) for poses.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import flame_jax
 CODE_LAYOUT = (("shape", 300), ("pose", 6), ("expression", 100), ("texture", 50),
                ("camera", 3), ("light", 27))
 CODE_SIZE = sum(width for _, width in CODE_LAYOUT)  # 486
+
+# NoW's 7 scan landmarks (right-eye outer, right-eye inner, left-eye inner, left-eye outer, nose
+# bottom, right and left mouth corner) as iBUG-68 indices of FLAME's 68 landmarks (= static-51
+# indices 19, 22, 25, 28, 16, 31, 37 plus the 17 contour points).
+NOW_LANDMARKS_68 = (36, 39, 42, 45, 33, 48, 54)
 
 
 def code_slices() -> dict:
@@ -38,7 +44,7 @@ class Code:
       pose:       (B, 6) axis-angle radians: global (head) rotation 3, then jaw 3.
       expression: (B, 100) FLAME expression coefficients.
       texture:    (B, 50) albedo-basis coefficients.
-      camera:     (B, 3) (s, tx, ty) of `recon.camera` (NDC units per metre, metres).
+      camera:     (B, 3) (s, tx, ty) of `recon.render.camera` (NDC units per metre, metres).
       light:      (B, 27) SH light, 9 bands x RGB, band-major (DECA's reshape(-1, 9, 3)).
     """
 
@@ -65,7 +71,7 @@ class Code:
 
     @property
     def sh_light(self) -> jax.Array:
-        """(B, 9, 3) SH coefficients for `recon.shading` / `recon.render`."""
+        """(B, 9, 3) SH coefficients for `recon.render.shading` / `recon.render`."""
         return self.light.reshape(self.light.shape[0], 9, 3)
 
     def flame_params(self) -> flame_jax.FlameParams:
@@ -102,27 +108,28 @@ class Batch:
     Images of one subject are consecutive (rows s*K .. s*K+K-1), which the shape-consistency
     loss relies on.
 
-      images:          (B, 224, 224, 3) float32 RGB in [0, 1], the face crop of the 2D losses.
-      backbone_images: (B, 112, 112, 3) float32 RGB, ArcFace normalised ((pixel - 127.5) / 127.5).
-      landmarks:       (B, 68, 2) float32 iBUG-68 landmarks in pixels of the 224 crop
-                       (pixel centres at +0.5, `recon.camera`).
+      images:          (B, H, W, 3) float32 RGB in [0, 1], the face crop (`recon.image.CropSpec`)
+                       at the 2D losses' resolution H = W = `data.image_size`.
+      backbone_inputs: what the regressor reads: (B, n, n, 3) float32 backbone input of the same
+                       crop (`recon.image.backbone_input`: ArcFace-normalised 112 px, or dlib's
+                       150 px in 0..255), or, when the run caches its frozen trunk
+                       (`model.trunk_cache`), that trunk's features (B, h, w, C).
+      landmarks:       (B, 68, 2) float32 iBUG-68 landmarks in pixels of `images`
+                       (pixel centres at +0.5, `recon.render.camera`).
       landmark_weights:(B, 68) float32, 0 where a landmark is missing/unknown, else 1.
-      skin_masks:      (B, 224, 224) float32 in [0, 1], where the photometric loss applies.
+      skin_masks:      (B, H, W) float32 in [0, 1], where the photometric loss applies.
       vertices:        (B, 5023, 3) float32 metres, ground-truth NEUTRAL mesh (zero pose and
                        expression) of the subject.
-      posed_vertices:  (B, 5023, 3) float32 metres, ground-truth posed mesh when known (synthetic
-                       data), else a copy of `vertices`.
       has_3d:          (B,) float32, 1 where `vertices` is a real ground truth, else 0.
       subject_ids:     (B,) int32.
     """
 
     images: jax.Array
-    backbone_images: jax.Array
+    backbone_inputs: jax.Array
     landmarks: jax.Array
     landmark_weights: jax.Array
     skin_masks: jax.Array
     vertices: jax.Array
-    posed_vertices: jax.Array
     has_3d: jax.Array
     subject_ids: jax.Array
 
@@ -139,8 +146,9 @@ class Prediction:
       flame:            `flame_jax.FlameOutput` of the posed head (vertices (B, V, 3) metres,
                         landmarks (B, 68, 3) metres).
       neutral_vertices: (B, V, 3) metres, same identity with zero pose and expression.
-      landmarks_2d:     (B, 68, 2) pixels in the 224 crop (`recon.camera.project_to_pixels`).
-      render:           `recon.render.RenderOutput` at 224 x 224, or None when no 2D term runs.
+      landmarks_2d:     (B, 68, 2) pixels of the batch images (`recon.render.camera.project_to_pixels`).
+      render:           `recon.render.RenderOutput` at the batch images' size, or None when no 2D
+                        term runs.
     """
 
     code: Code

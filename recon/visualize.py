@@ -34,7 +34,7 @@ def draw_landmarks(image: np.ndarray, landmarks_px: np.ndarray, color, *,
             continue
         if not (np.isfinite(u) and np.isfinite(v)):
             continue
-        # Pixel centres are at +0.5 (recon.camera): pixel column floor(u), row floor(v).
+        # Pixel centres are at +0.5 (recon.render.camera): pixel column floor(u), row floor(v).
         cv2.circle(canvas, (int(np.floor(u)), int(np.floor(v))), radius, color, -1,
                    lineType=cv2.LINE_AA)
     return canvas
@@ -78,8 +78,10 @@ def write_png(path, image: np.ndarray) -> pathlib.Path:
 
 
 def plot_evaluation(history, path) -> pathlib.Path:
-    """PNG of the held-out errors against the step: `vertex_error_mm` and
-    `scaled_vertex_error_mm` beside their mean-face (zero-skill) levels, and the landmark error.
+    """PNG of the held-out errors against the step: the whole head and the face region (rigid
+    alignment) and the whole head after a similarity alignment, each beside its mean-face
+    (zero-skill) level and, when the run measured it, the ridge baseline's; then the landmark
+    error, and the NoW validation median when the run scored NoW.
 
     history: the entries of `evaluation_history.json` ({"step", "vertex_error_mm", ...}).
     """
@@ -90,18 +92,33 @@ def plot_evaluation(history, path) -> pathlib.Path:
 
     entries = sorted(history, key=lambda entry: entry["step"])
     steps = [entry["step"] for entry in entries]
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label, colour in (("vertex_error_mm", "rigid alignment", "C0"),
-                               ("scaled_vertex_error_mm", "similarity alignment", "C1")):
+    has_now = all("now_median_mm" in entry for entry in entries)
+    figure, axes = plt.subplots(1, 3 if has_now else 2, figsize=(15 if has_now else 10, 3.8))
+    for key, label, colour in (("vertex_error_mm", "whole head", "C0"),
+                               ("face_vertex_error_mm", "face region", "C2"),
+                               ("scaled_vertex_error_mm", "whole head, with scale", "C1")):
+        if not all(key in entry for entry in entries):
+            continue
         axes[0].plot(steps, [entry[key] for entry in entries], "o-", color=colour,
                      label=f"model, {label}")
         axes[0].plot(steps, [entry[f"mean_face_{key}"] for entry in entries], "--",
                      color=colour, label=f"mean face, {label}")
+        if all(f"ridge_{key}" in entry for entry in entries):
+            axes[0].plot(steps, [entry[f"ridge_{key}"] for entry in entries], ":",
+                         color=colour, label=f"ridge on the frozen embedding, {label}")
     axes[0].set(xlabel="step", ylabel="mm", title="held-out neutral-mesh error")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     if all("landmark_error_px" in entry for entry in entries):
         axes[1].plot(steps, [entry["landmark_error_px"] for entry in entries], "o-")
     axes[1].set(xlabel="step", ylabel="px", title="held-out landmark error")
+    if has_now:
+        axes[2].plot(steps, [entry["now_median_mm"] for entry in entries], "o-",
+                     label="model")
+        if all("now_mean_face_median_mm" in entry for entry in entries):
+            axes[2].plot(steps, [entry["now_mean_face_median_mm"] for entry in entries], "--",
+                         label="mean face")
+        axes[2].set(xlabel="step", ylabel="mm", title="NoW validation median (non-metrical)")
+        axes[2].legend(fontsize=7)
     for axis in axes:
         axis.grid(True, alpha=0.3)
     figure.tight_layout()

@@ -6,7 +6,7 @@
     latent = spectral_gcn.encode(frozen, vertices)        # (B, 5023, 3) m -> (B, 8), jit-safe
 
 A library: hierarchy, layers, models, and saving/loading the encoder's own variables. The
-training loop lives in `recon.coma_trainer` (`python train.py --config configs/coma.py`).
+training loop lives in `recon.training.coma` (`python train.py --config configs/coma.py`).
 """
 
 from spectral_gcn.checkpoint import (CheckpointError, FrozenEncoder, checkpoint_items, encode,

@@ -1,11 +1,10 @@
-"""Writers of the pickles the official FLAME files are: Python-2 cPickle output and chumpy
-objects (through stand-in `chumpy` modules that are removed again before loading).
+"""Writers of the pickles the official FLAME files are: Python-2 cPickle output
+(`recon.training.fakes.write_py2_pickle`) and chumpy objects (through stand-in `chumpy` modules
+that are removed again before loading).
 
 Shared by tests/test_io.py and tests/test_safe_pickle.py.
 """
 
-import pickle
-import struct
 import sys
 import types
 import weakref
@@ -13,38 +12,9 @@ import weakref
 import numpy as np
 import pytest
 
-
-class Py2Pickler(pickle._Pickler):
-    """Writes what Python 2's cPickle wrote: `bytes`/`str` as py2 `str` (BINSTRING) and the old
-    module names `numpy.core.multiarray` / `scipy.sparse.csc`, so loading needs latin1."""
-
-    renames = {"numpy._core.multiarray": "numpy.core.multiarray",
-               "scipy.sparse._csc": "scipy.sparse.csc"}
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        raw = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(raw) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
-    dispatch[str] = save_py2_str
-
-    def save_global(self, obj, name=None):
-        module = getattr(obj, "__module__", None)
-        if module in self.renames:
-            self.write(pickle.GLOBAL + f"{self.renames[module]}\n{obj.__name__}\n".encode())
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
-def write_py2_pickle(obj, path, protocol=2):
-    with open(path, "wb") as handle:
-        Py2Pickler(handle, protocol=protocol).dump(obj)
+# The Python-2 pickler lives in the library, which writes the fake FLAME 2020 files of the paper
+# smoke run with it.
+from recon.training.fakes import Py2Pickler, write_py2_pickle  # noqa: F401
 
 
 def make_fake_chumpy():

@@ -1,8 +1,8 @@
-"""recon.backbone: IResNet, ArcFace import against onnxruntime, torch zip reading, preprocessing.
+"""recon.model: IResNet, ArcFace import against onnxruntime, torch zip reading.
 
 References: onnxruntime running ONNX graphs built here with onnx.helper (folded and unfolded
-BatchNorm, numeric tensor names), numpy box averages, skimage's SimilarityTransform, and the
-analytic inverse of a known similarity. Tolerance for embeddings: max |ours - ref| / max |ref|
+BatchNorm, numeric tensor names). (The backbone input and the crops: tests/test_image.py.)
+Tolerance for embeddings: max |ours - ref| / max |ref|
 <= 1e-4 (the import contract).
 """
 
@@ -16,9 +16,9 @@ import pytest
 
 from _onnx_models import (onnx_from_state_dict, random_state_dict, run_onnxruntime,
                           write_malicious_torch_zip, write_torch_zip)
-from recon import backbone
-from recon.backbone import (ArcFaceImportError, IResNet, TorchCheckpointError, import_arcface,
-                            variables_from_state_dict)
+from recon import model as backbone
+from recon.model import (ArcFaceImportError, IResNet, TorchCheckpointError, import_arcface,
+                         variables_from_state_dict)
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -162,7 +162,7 @@ def test_pth_state_dict_reads_without_torch(tmp_path, state, images, reference):
 @pytest.fixture(params=["shared", "local"])
 def unpickler(request, monkeypatch):
     """Run with flame_jax.safe_pickle and with torch_zip's own fallback unpickler."""
-    from recon.backbone import torch_zip
+    from recon.model import torch_zip
 
     if request.param == "local":
         monkeypatch.setattr(torch_zip, "_shared_unpickle", None)
@@ -278,53 +278,3 @@ def test_labels_and_one_optimizer_step(tiny, images):
     for path, did_move in jax.tree_util.tree_leaves_with_path(moved):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         assert did_move == (flat[name] == "trainable"), name
-
-
-# ---------------------------------------------------------------------------- preprocessing
-
-
-def test_crop_input_is_a_box_average():
-    crop = np.random.default_rng(2).integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    expected = (crop.astype(np.float64).reshape(112, 2, 112, 2, 3).mean((1, 3)) - 127.5) / 127.5
-    ours = backbone.backbone_input_from_crop(crop)
-    assert ours.shape == (112, 112, 3) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, expected, atol=1e-5)
-    on_device = backbone.backbone_input_from_crop_jax(jnp.asarray(crop[None]))
-    np.testing.assert_allclose(np.asarray(on_device[0]), expected, atol=1e-5)
-    unit = backbone.backbone_input_from_crop(crop[None] / 255.0, max_value=1.0)
-    np.testing.assert_allclose(unit[0], expected, atol=1e-5)
-    with pytest.raises(ValueError, match="non-finite"):
-        backbone.backbone_input_from_crop(np.full((224, 224, 3), np.nan))
-    with pytest.raises(ValueError, match="\\(H, W, 3\\)"):
-        backbone.backbone_input_from_crop(np.zeros((224, 224)))
-
-
-def test_umeyama_matches_skimage():
-    from skimage.transform import SimilarityTransform
-
-    rng = np.random.default_rng(3)
-    source = rng.uniform(0, 200, (5, 2))
-    target = backbone.ARCFACE_TEMPLATE_112 + rng.normal(0, 1.0, (5, 2))
-    if hasattr(SimilarityTransform, "from_estimate"):  # skimage >= 0.26
-        reference = SimilarityTransform.from_estimate(source, target)
-    else:
-        reference = SimilarityTransform()
-        assert reference.estimate(source, target)
-    np.testing.assert_allclose(backbone.similarity_umeyama(source, target),
-                               reference.params[:2], atol=1e-9)
-
-
-def test_align_five_points_inverts_a_known_similarity():
-    angle, scale, shift = np.deg2rad(12.0), 1.8, np.array([80.0, 25.0])
-    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    # image pixel = scale * R @ template + shift, i.e. the face is rotated, scaled and moved
-    points = (scale * backbone.ARCFACE_TEMPLATE_112.astype(np.float64) @ rotation.T) + shift
-    height, width = 300, 320
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack([xs, ys, np.zeros_like(xs)], -1)  # each pixel stores its own (x, y)
-    aligned = backbone.align_five_points(image, points, max_value=255.0) * 127.5 + 127.5
-    v, u = np.mgrid[0:112, 0:112].astype(np.float64)
-    expected = scale * np.stack([u, v], -1) @ rotation.T + shift  # where (u, v) came from
-    np.testing.assert_allclose(aligned[..., :2], expected, atol=2e-2)
-    with pytest.raises(ValueError, match="\\(5, 2\\)"):
-        backbone.align_five_points(image, points[:4])

@@ -1,4 +1,4 @@
-"""recon.coma_trainer: a run killed (SIGKILL) after its first checkpoint and resumed with the same
+"""recon.training.coma: a run killed (SIGKILL) after its first checkpoint and resumed with the same
 command equals an uninterrupted run; a different config is refused naming the keys; the CLI;
 the step overfits a handful of meshes; the frozen encoder is read back from the run's
 checkpoints; the mesh folder reader, PCA and the losses against closed forms."""
@@ -20,7 +20,7 @@ import trimesh
 
 import flame_jax
 import spectral_gcn
-from recon import coma_trainer
+from recon.training import coma as coma_trainer
 from recon.training import checkpoints, guard, metrics as metrics_lib, sharding
 from spectral_gcn import checkpoint, data, mesh
 

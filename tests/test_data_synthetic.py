@@ -1,8 +1,9 @@
 """Synthetic 2D-3D pairs (`recon.data.synthetic`): fields, determinism, held-out split,
-landmarks against the rendered face and a numpy projection, occluders outside the skin mask.
+landmarks against the rendered face and the crop matrix, occluders outside the skin mask.
 
-One render compilation (224 x 224, K = 2) is shared by the whole module: every call below uses
-K = 2, and configs differ only in data, never in the static render settings.
+One render compilation (the default box crop, 224 x 224, K = 2) is shared by most of the module:
+configs differ only in data, never in the static render settings. (That the rendered crop equals
+the crop `recon.image.crop_image` cuts from a photo of the same head: tests/test_image.py.)
 """
 
 import dataclasses
@@ -11,8 +12,9 @@ import pickle
 import numpy as np
 import pytest
 
-from recon.backbone.preprocess import backbone_input_from_crop
 from recon.data import augment, pipeline, synthetic
+from recon.image import crop as crop_lib
+from recon.image import preprocess
 
 SEED = 5
 SUBJECT = 7
@@ -43,18 +45,12 @@ def _plain_config(**changes):
 
 
 def test_fields_shapes_dtypes_and_ranges(subject, model):
-    pipeline.check_example(subject, leading=1)
     k = 2
-    assert subject["images"].shape == (k, 224, 224, 3)
-    assert subject["backbone_images"].shape == (k, 112, 112, 3)
+    assert subject["crops"].shape == subject["images"].shape == (k, 224, 224, 3)
     assert subject["skin_masks"].shape == (k, 224, 224)
-    assert subject["vertices"].shape == subject["posed_vertices"].shape == (k, 5023, 3)
+    assert subject["vertices"].shape == (k, 5023, 3)
     assert 0.0 <= subject["images"].min() and subject["images"].max() <= 1.0
     assert subject["images"].std() > 0.05  # not a blank image
-    assert -1.0 <= subject["backbone_images"].min() and subject["backbone_images"].max() <= 1.0
-    np.testing.assert_allclose(subject["backbone_images"],
-                               backbone_input_from_crop(subject["images"], max_value=1.0),
-                               atol=1e-6)
     assert set(np.unique(subject["skin_masks"])) <= {0.0, 1.0}
     assert 0.02 < subject["skin_masks"].mean() < 0.8
     assert set(np.unique(subject["landmark_weights"])) <= {0.0, 1.0}
@@ -66,9 +62,9 @@ def test_fields_shapes_dtypes_and_ranges(subject, model):
 
 
 def test_neutral_mesh_is_the_identity_with_zero_pose_and_expression(subject, model, host):
-    # Same identity in both images: identical neutral meshes, different posed ones.
+    # Same identity in both images: identical neutral meshes, different images.
     np.testing.assert_array_equal(subject["vertices"][0], subject["vertices"][1])
-    assert np.abs(subject["posed_vertices"][0] - subject["posed_vertices"][1]).max() > 1e-3
+    assert np.abs(subject["landmarks"][0] - subject["landmarks"][1]).max() > 1.0
     # Independent numpy reference: with zero pose FLAME is template + shapedirs @ shape.
     scenes = synthetic.sample_scenes(host, synthetic.SyntheticConfig(), SUBJECT, [0], SEED)
     reference = (np.asarray(model.v_template, np.float64)
@@ -106,9 +102,15 @@ def test_heldout_subjects_never_seen_in_training(host):
     assert distances.min() > 1.0  # shape vectors of std 1 in 300-d: typical distance ~24
 
 
-def test_landmarks_lie_on_the_rendered_face_and_match_numpy_projection(model, host):
+def _render(model, host, config, subject, seed=SEED):
+    scenes = synthetic.sample_scenes(host, config, subject, range(2), seed)
+    rendered, geometry = synthetic.render_batch(model, config, scenes)
+    return scenes, rendered, geometry
+
+
+def test_landmarks_lie_on_the_rendered_face_and_where_the_crop_puts_them(model, host):
     config = _plain_config()
-    rendered = synthetic.render_subject(model, config, 11, range(2), SEED, host)
+    scenes, rendered, geometry = _render(model, host, config, 11)
     for k in range(2):
         landmarks = rendered["landmarks"][k]
         rows = np.clip(np.floor(landmarks[:, 1]).astype(int), 0, 223)
@@ -117,22 +119,36 @@ def test_landmarks_lie_on_the_rendered_face_and_match_numpy_projection(model, ho
         assert covered.mean() >= 0.9, covered.mean()
         inner = rendered["face_region"][k][rows[17:], cols[17:]] > 0  # 51 inner points
         assert inner.mean() >= 0.8, inner.mean()
-    # Numpy reference of the camera convention (recon.camera) on FLAME's 3D landmarks.
-    landmarks_3d = rendered["landmarks_3d"].astype(np.float64)  # FLAME's (tested in flame_jax)
-    camera = rendered["camera"].astype(np.float64)
-    u = (camera[:, None, 0] * (landmarks_3d[..., 0] + camera[:, None, 1]) + 1) * 112
-    v = (-camera[:, None, 0] * (landmarks_3d[..., 1] + camera[:, None, 2]) + 1) * 112
-    np.testing.assert_allclose(rendered["landmarks"], np.stack([u, v], -1), atol=2e-3)
-    # The crop: without jitter the landmark box is centred and has side 224 / box_scale.
-    low, high = rendered["landmarks"].min(1), rendered["landmarks"].max(1)
-    np.testing.assert_allclose((low + high) / 2, 112.0, atol=1e-2)
-    np.testing.assert_allclose((high - low).mean(-1), 224 / config.box_scale, rtol=1e-4)
+        # The rendered landmarks are the detector's (exact here) points under the crop matrix.
+        np.testing.assert_allclose(
+            landmarks, crop_lib.transform_points(geometry.matrix[k], geometry.detected[k]),
+            atol=2e-2)
+    # The box crop without jitter: the detector-like box around the landmarks (its top raised
+    # for the forehead) is centred and its mean side is 224 / 1.6.
+    for k in range(2):
+        box = crop_lib.box_from_landmarks(rendered["landmarks"][k])
+        np.testing.assert_allclose((box[:2] + box[2:]) / 2, 112.0, atol=2e-2)
+        np.testing.assert_allclose(np.mean(box[2:] - box[:2]), 224 / 1.6, rtol=1e-3)
+    # Landmark noise moves the crop, not the ground truth: the rendered points stay on the face.
+    noisy = _plain_config(landmark_noise=0.05)
+    _, rendered_noisy, geometry_noisy = _render(model, host, noisy, 11)
+    assert np.abs(geometry_noisy.matrix - geometry.matrix).max() > 1e-3
+
+
+def test_loss_image_is_the_crop_resized(model, host):
+    config = _plain_config(image_size=64)
+    subject = synthetic.make_subject(model, config, 4, range(2), SEED, host)
+    assert subject["crops"].shape == (2, 224, 224, 3) and subject["images"].shape == (2, 64, 64, 3)
+    np.testing.assert_allclose(subject["images"], preprocess.resize(subject["crops"], 64),
+                               atol=1e-6)
+    full = synthetic.make_subject(model, _plain_config(), 4, range(2), SEED, host)
+    np.testing.assert_allclose(subject["landmarks"], full["landmarks"] * 64 / 224, atol=1e-4)
 
 
 def test_skin_mask_excludes_occluders(model, host):
     config = _plain_config(augment=dataclasses.replace(augment.AugmentConfig.clean(),
                                                        occluder_probability=1.0))
-    rendered = synthetic.render_subject(model, config, 3, range(2), SEED, host)
+    _, rendered, _ = _render(model, host, config, 3)
     overlapped = 0
     for k in range(2):
         example, layers = synthetic.compose_example(
@@ -152,14 +168,18 @@ def test_skin_mask_excludes_occluders(model, host):
 
 
 def test_source_pickles_for_worker_processes(model, subject):
-    source = synthetic.SyntheticSource(model, synthetic.SyntheticConfig(),
+    source = synthetic.SyntheticSource(model, synthetic.SyntheticConfig(), backbone_kind="dlib",
                                        subjects=range(SUBJECT, SUBJECT + 3),
                                        images_per_subject=2, seed=SEED)
     clone = pickle.loads(pickle.dumps(source))
     assert len(clone) == 3
     record = clone[0]
+    pipeline.check_example(record, leading=1)
     for name in subject:
-        np.testing.assert_array_equal(record[name], subject[name], err_msg=name)
+        if name != "crops":
+            np.testing.assert_array_equal(record[name], subject[name], err_msg=name)
+    np.testing.assert_allclose(record["backbone_inputs"],
+                               preprocess.backbone_input(subject["crops"], "dlib"), atol=1e-4)
     with pytest.raises(ValueError, match="images_per_subject"):
         synthetic.SyntheticSource(model, images_per_subject=0)
 
@@ -181,6 +201,7 @@ def test_augment_functions_are_deterministic_and_in_range():
 
 def test_loader_over_heldout_subjects(model):
     source = synthetic.SyntheticSource(model, synthetic.SyntheticConfig(),
+                                       backbone_kind="arcface",
                                        subjects=synthetic.HELDOUT_SUBJECTS[:4],
                                        images_per_subject=2, seed=SEED)
     loader = pipeline.make_loader(source, batch_subjects=2, images_per_subject=2, seed=0,

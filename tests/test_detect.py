@@ -1,11 +1,16 @@
-"""recon.photo.detect: the MediaPipe -> iBUG-68 table, the regressor crop, detection on a real photo."""
+"""recon.image.detect: the MediaPipe -> iBUG-68 table, detection on a real photo and the face
+mesh's crop mapped back to the photo. Tests that run MediaPipe skip when it is not installed."""
 
+import importlib.util
 import sys
 
 import numpy as np
 import pytest
 
-from recon.photo import detect
+from recon.image import detect
+
+NO_MEDIAPIPE = ("mediapipe (the optional 'photo' extra: pip install 'facerecon-jax[photo]') is "
+                "not installed")
 
 
 def test_mediapipe_table_is_68_distinct_mesh_vertices():
@@ -22,61 +27,6 @@ def test_landmark_weights():
     np.testing.assert_array_equal(weights[17:], 1.0)
 
 
-def test_crop_from_box_samples_a_ramp_exactly():
-    # A ramp image whose value at pixel column x is x: bilinear sampling (and Pillow's
-    # anti-aliasing filter, symmetric) reproduces a linear function, so each crop pixel centre
-    # (j + 0.5) maps through the transform to a continuous image coordinate u and reads u - 0.5.
-    width, height = 250, 200
-    ramp = np.tile(np.arange(width, dtype=np.uint8), (height, 1))
-    image = np.stack([ramp, ramp, ramp], -1)
-    box = [60.3, 50.7, 160.1, 140.2]
-    for size in (224, 64):  # upsampling and downsampling
-        crop, transform = detect.crop_from_box(image, box, scale=1.6, size=size)
-        assert crop.shape == (size, size, 3) and crop.dtype == np.float32
-        side = 1.6 * max(box[2] - box[0], box[3] - box[1])
-        np.testing.assert_allclose(transform[0, 0], side / size)
-        np.testing.assert_allclose(detect.apply_transform(transform, [[size / 2, size / 2]]),
-                                   [[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]])
-        centres = np.stack(np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5), -1)
-        mapped = detect.apply_transform(transform, centres.reshape(-1, 2)).reshape(size, size, 2)
-        inside = ((mapped[..., 0] > 2 + side / size) & (mapped[..., 0] < width - 2 - side / size)
-                  & (mapped[..., 1] > 2 + side / size)
-                  & (mapped[..., 1] < height - 2 - side / size))
-        assert inside.mean() > 0.5
-        np.testing.assert_allclose(crop[..., 0][inside] * 255.0, mapped[..., 0][inside] - 0.5,
-                                   atol=0.6)
-
-
-def test_crop_outside_the_image_is_black():
-    image = np.full((100, 100, 3), 200, np.uint8)
-    crop, transform = detect.crop_from_box(image, [0, 0, 50, 50], size=80)  # corner at (-15, -15)
-    np.testing.assert_allclose(transform[:2, 2], [-15.0, -15.0])
-    assert crop[:5, :5].max() == 0.0
-    np.testing.assert_allclose(crop[60:, 60:], 200 / 255.0, atol=1e-6)
-
-
-@pytest.mark.parametrize("box", [[10, 10, 10, 20], [5, 30, 40, 20]])
-def test_crop_rejects_empty_boxes(box):
-    with pytest.raises(ValueError, match="box must be"):
-        detect.crop_from_box(np.zeros((50, 50, 3), np.uint8), box)
-
-
-def test_crop_rejects_non_rgb_uint8():
-    with pytest.raises(ValueError, match="uint8"):
-        detect.crop_from_box(np.zeros((50, 50, 3), np.float32), [0, 0, 10, 10])
-    with pytest.raises(ValueError, match="RGB"):
-        detect.crop_from_box(np.zeros((50, 50), np.uint8), [0, 0, 10, 10])
-
-
-def test_read_image_names_a_corrupt_file(tmp_path):
-    path = tmp_path / "broken.jpg"
-    path.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    with pytest.raises(detect.ImageReadError, match="broken.jpg"):
-        detect.read_image(path)
-    with pytest.raises(FileNotFoundError):
-        detect.read_image(tmp_path / "missing.png")
-
-
 def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # import mediapipe -> ImportError
     with pytest.raises(detect.PhotoExtraMissing, match=r"facerecon-jax\[photo\]"):
@@ -85,7 +35,8 @@ def test_missing_extra_names_it(monkeypatch):
 
 @pytest.fixture(scope="module")
 def detector():
-    pytest.importorskip("mediapipe")
+    if importlib.util.find_spec("mediapipe") is None:
+        pytest.skip(NO_MEDIAPIPE)
     with detect.FaceDetector() as face_detector:
         yield face_detector
 
@@ -113,7 +64,8 @@ def test_astronaut_face_and_landmark_geometry(detector):
     assert np.argmax(points[:17, 1]) == 8
     assert points[17:27, 1].mean() < points[36:48, 1].mean() < points[48:68, 1].mean()
     # The landmarks lie in the 1.6x crop region of the box.
-    assert (points[:, 0] > x0 - 0.3 * (x1 - x0)).all() and (points[:, 0] < x1 + 0.3 * (x1 - x0)).all()
+    margin = 0.3 * (x1 - x0)
+    assert (points[:, 0] > x0 - margin).all() and (points[:, 0] < x1 + margin).all()
 
 
 def test_faceless_photos_give_no_face(detector):
@@ -140,3 +92,19 @@ def test_several_faces_largest_first(detector):
     assert len(faces) == 2
     assert faces[0].box_size > 1.6 * faces[1].box_size
     assert (faces[0].box[0] + faces[0].box[2]) / 2 < 512 < (faces[1].box[0] + faces[1].box[2]) / 2
+
+
+def test_mesh_landmarks_map_back_through_the_crop(detector):
+    """The face mesh runs on `MESH_CROP` and its points come back through `Crop.to_image`: the
+    photo moved inside a larger canvas gives the same landmarks, moved (within a pixel)."""
+    data = pytest.importorskip("skimage.data")
+    image = data.astronaut()
+    shift = np.array([37.0, 23.0])
+    canvas = np.zeros((600, 580, 3), np.uint8)
+    canvas[23:23 + 512, 37:37 + 512] = image
+    (box, _), = detector.boxes(image)
+    points = detector.landmarks(image, box)
+    moved = detector.landmarks(canvas, box + np.tile(shift, 2))
+    assert points.shape == moved.shape == (478, 2)
+    error = np.linalg.norm(moved - (points + shift), axis=-1)
+    assert np.median(error) < 0.5 and error.max() < 1.0, (np.median(error), error.max())

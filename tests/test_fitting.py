@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import flame_jax
-from recon import camera as camera_lib
+from recon.render import camera as camera_lib
 from recon.photo import fitting
 from recon.types import Code
 
@@ -39,9 +39,9 @@ def _code(batch, *, shape=None, expression=None, pose=None, camera=(8.5, 0.004, 
                 light=jnp.asarray(fitting.default_light(batch)))
 
 
-def _project(model, code):
+def _project(model, code, size=224):
     landmarks = fitting.flame_forward(model, code.flame_params()).landmarks
-    return np.asarray(camera_lib.project_to_pixels(landmarks, code.camera, (224, 224))[..., :2])
+    return np.asarray(camera_lib.project_to_pixels(landmarks, code.camera, (size, size))[..., :2])
 
 
 def test_landmark_error_px_matches_numpy():
@@ -83,8 +83,10 @@ def test_initial_camera_recovers_a_known_camera(model):
     truth = _code(1, camera=(8.7, 0.012, -0.021))
     landmarks = _project(model, truth)
     weights = np.ones((1, 68), np.float32)
-    camera = fitting.initial_camera(model, _code(1, camera=(5.0, 0.0, 0.0)), landmarks, weights)
-    np.testing.assert_allclose(camera, np.asarray(truth.camera), rtol=1e-4, atol=1e-5)
+    for size in (224, 150):  # the camera is in NDC: the same at every crop size
+        camera = fitting.initial_camera(model, _code(1, camera=(5.0, 0.0, 0.0)),
+                                        landmarks * (size / 224), weights, image_size=size)
+        np.testing.assert_allclose(camera, np.asarray(truth.camera), rtol=1e-4, atol=1e-5)
 
 
 def test_make_assets_needs_an_albedo_space(model):
@@ -113,8 +115,9 @@ def test_landmark_fit_recovers_a_synthetic_face(model, assets):
     landmarks = _project(model, truth)
     weights = np.ones((1, 68), np.float32)
     image = np.full((1, 224, 224, 3), 0.5, np.float32)
-    init = fitting.initial_code(model, landmarks, weights, OPTIONS)
+    init = fitting.initial_code(model, landmarks, weights, OPTIONS, image_size=224)
     target = fitting.make_target(image, landmarks, weights, np.asarray(init.camera))
+    assert target.size == 224
 
     rigid_only = dataclasses.replace(OPTIONS, landmark_steps=0)
     rigid = fitting.fit(assets, target, init, rigid_only)
@@ -143,8 +146,8 @@ def test_appearance_stage_fits_texture_and_light_with_geometry_frozen(model, ass
     changes only texture and light."""
     start = _code(1, camera=(8.5, 0.0, 0.0))
     image = np.broadcast_to(np.asarray([0.8, 0.55, 0.45], np.float32), (1, 224, 224, 3))
-    target = fitting.make_target(image, np.asarray(fitting.landmarks_2d(start, model)),
-                                 np.ones((1, 68)), np.asarray(start.camera))
+    landmarks = np.asarray(fitting.landmarks_2d(start, model, image_size=224))
+    target = fitting.make_target(image, landmarks, np.ones((1, 68)), np.asarray(start.camera))
     assert float(target.skin.min()) == 1.0  # that colour is skin for the YCbCr box
     options = dataclasses.replace(OPTIONS, rigid_steps=0, landmark_steps=0, appearance_steps=15,
                                   photometric_steps=0)
@@ -155,3 +158,46 @@ def test_appearance_stage_fits_texture_and_light_with_geometry_frozen(model, ass
     np.testing.assert_array_equal(result.code.pose, start.pose)
     np.testing.assert_allclose(result.code.camera, start.camera, rtol=1e-6)
     assert float(jnp.abs(result.code.texture).max()) > 0.0
+
+
+def test_fit_works_at_the_size_of_its_images(model, assets):
+    """No crop size is built in: the landmark loss is in NDC, so fitting the same targets drawn
+    at 112 px follows the 224 px trajectory (errors in pixels halve), and the target carries
+    its size."""
+    rng = np.random.default_rng(4)
+    truth = _code(1, shape=np.c_[rng.normal(0, 1.0, (1, 10)), np.zeros((1, 290))],
+                  pose=[[0.05, 0.2, -0.04, 0.05, 0.0, 0.0]], camera=(8.4, -0.01, 0.02))
+    weights = np.ones((1, 68), np.float32)
+    options = dataclasses.replace(OPTIONS, rigid_steps=15, landmark_steps=15)
+    results = {}
+    for size in (224, 112):
+        landmarks = _project(model, truth, size)
+        np.testing.assert_allclose(landmarks, _project(model, truth) * size / 224, rtol=1e-5,
+                                   atol=1e-3)
+        init = fitting.initial_code(model, landmarks, weights, options, image_size=size)
+        target = fitting.make_target(np.full((1, size, size, 3), 0.5, np.float32), landmarks,
+                                     weights, np.asarray(init.camera))
+        assert target.size == size and target.skin.shape == (1, size, size)
+        results[size] = fitting.fit(assets, target, init, options)
+    big, small = results[224], results[112]
+    np.testing.assert_allclose(small.code.camera, big.code.camera, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(small.code.pose, big.code.pose, atol=1e-3)
+    np.testing.assert_allclose(small.final_error_px, big.final_error_px / 2, rtol=1e-2)
+    np.testing.assert_allclose(small.landmarks_2d, np.asarray(big.landmarks_2d) / 2, atol=0.05)
+    assert small.final_error_px[0] < small.initial_error_px[0]
+
+
+def test_make_target_needs_square_crops():
+    with pytest.raises(ValueError, match="square"):
+        fitting.make_target(np.zeros((1, 100, 120, 3)), np.zeros((1, 68, 2)), np.ones((1, 68)),
+                            np.ones((1, 3)))
+
+
+def test_raster_settings_grow_with_the_crop():
+    from recon.render import RasterSettings
+
+    assert fitting.raster_settings(224) == RasterSettings(height=224, width=224)
+    assert fitting.raster_settings(150) == RasterSettings(height=150, width=150)
+    big = fitting.raster_settings(448)
+    assert (big.height, big.window_sizes, big.tile_capacity) == (448, (2, 4, 8), 24576)
+    assert fitting.raster_settings(896).tile_capacity == 4 * 24576

@@ -9,6 +9,7 @@ import pytest
 
 import spectral_gcn
 from recon import losses, types
+from recon.image import preprocess
 
 RNG = np.random.default_rng(0)
 SIZE = (64, 48)  # (H, W) of the test crops
@@ -133,8 +134,9 @@ def test_photometric_loss_and_mask_match_numpy():
 class TinyRecognition(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
-        x = nn.Conv(4, (3, 3), strides=(8, 8))(images)
-        return nn.Dense(16)(x.reshape(x.shape[0], -1))
+        # Pooled before the dense layer, so one set of weights reads 112 (ArcFace) and 150 (dlib).
+        x = nn.relu(nn.Conv(8, (3, 3), strides=(4, 4))(images))
+        return nn.Dense(16)(x.mean(axis=(1, 2)))
 
 
 def test_identity_loss_matches_numpy_and_freezes_the_network():
@@ -155,13 +157,15 @@ def test_identity_loss_matches_numpy_and_freezes_the_network():
                              argnums=(0, 1)))(variables, rendered)
     assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads[0]))
     assert np.any(np.asarray(grads[1]) != 0)
-    # A 224 crop is resized to the network's 112 input: a linear ramp in pixel-centre
-    # coordinates stays linear (interior pixels; the borders are clamped).
-    centres = (np.arange(224) + 0.5) / 224
-    ramp = np.broadcast_to(centres[None, :, None, None], (1, 224, 224, 3)).astype(np.float32)
-    resized = np.asarray(losses.recognition_input(jnp.asarray(ramp)))
-    expected = 2 * ((np.arange(112) + 0.5) / 112) - 1
-    np.testing.assert_allclose(resized[0, 2:-2, 56, 0], expected[2:-2], atol=1e-5)
+    # dlib's network reads 150 px images in 0..255: both sides go through the same
+    # recon.image preprocessing (the host resize is checked against OpenCV in test_image.py).
+    small = RNG.random((2, 64, 64, 3)).astype(np.float32)
+    other = RNG.random((2, 64, 64, 3)).astype(np.float32)
+    got = np.asarray(losses.identity_loss(network, variables, small, other, input_kind="dlib"))
+    a = np.asarray(apply(variables, preprocess.resize(small, 150) * 255.0))
+    b = np.asarray(apply(variables, preprocess.resize(other, 150) * 255.0))
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    np.testing.assert_allclose(got, 1 - cos, rtol=1e-4, atol=1e-5)
 
 
 def test_shape_consistency_code_swaps_within_subjects():

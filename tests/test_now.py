@@ -1,8 +1,12 @@
-"""NoW scorer: exact distances vs brute force, protocol invariances, crops, readers, CLI output."""
+"""NoW: exact distances vs brute force, protocol invariances, readers, the crop through the
+image contract (box, detected landmarks, fallback), prediction with a tiny random regressor,
+the mean face in eval.py's output, and the NoW evaluator used during training."""
 
+import dataclasses
 import json
 import pathlib
-import pickle
+import shutil
+import types
 
 import numpy as np
 import pytest
@@ -10,9 +14,12 @@ import trimesh
 from scipy.spatial.transform import Rotation
 
 from recon import now
+from recon.image import crop as crop_lib
+from recon.image import detect
 from recon.now import cli, distance, io as now_io, predict, protocol, scoring
+from recon.types import NOW_LANDMARKS_68
 
-NOW_IBUG = [36, 39, 42, 45, 33, 48, 54]
+NUM_CONTOUR = 17  # FLAME's 68 landmarks = 17 contour points + the 51 static ones
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -22,7 +29,7 @@ def face(flame_topology, landmark_embedding):
     """The FLAME template head (no eyeballs) in mm and its 7 NoW landmarks in mm."""
     vertices = np.asarray(flame_topology["v_template"], np.float64) * 1000.0
     faces = np.asarray(flame_topology["faces"], np.int64)
-    index = np.asarray(protocol.FLAME_STATIC_INDICES)
+    index = np.asarray(NOW_LANDMARKS_68) - NUM_CONTOUR
     lmk_faces = np.asarray(landmark_embedding["static_lmk_faces"])[index]
     bary = np.asarray(landmark_embedding["static_lmk_bary"], np.float64)[index]
     landmarks = np.einsum("nk,nkd->nd", bary, vertices[faces[lmk_faces]])
@@ -178,28 +185,6 @@ def test_protocol_names_bad_arrays(face):
                                   unit="inch")
 
 
-# ----------------------------------------------------------------------------- image crop
-
-def test_image_crop_follows_deca_protocol():
-    box = {"left": 100.0, "right": 180.0, "top": 60.0, "bottom": 160.0}
-    cx, cy, side = predict.crop_square(box)
-    assert (cx, cy) == (140.0, 110.0)
-    assert side == int(1.6 * (80 + 100) / 2)
-    height, width = 300, 320
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    image = np.stack([cols / width, rows / height, np.zeros_like(rows)], -1)
-    crop = predict.crop_image(image, box)
-    assert crop.shape == (224, 224, 3) and crop.dtype == np.float32
-    # Corner (0, 0) samples the square's top-left pixel, (223, 223) its bottom-right.
-    np.testing.assert_allclose(crop[0, 0, :2], [(cx - side / 2) / width, (cy - side / 2) / height],
-                               atol=1e-5)
-    np.testing.assert_allclose(crop[223, 223, :2],
-                               [(cx + side / 2) / width, (cy + side / 2) / height], atol=1e-5)
-    # Outside the image: zeros.
-    off = predict.crop_image(image, {"left": -200.0, "right": -100.0, "top": 0.0, "bottom": 100.0})
-    assert off[:, :100].max() == 0.0
-
-
 # ----------------------------------------------------------------------------- readers
 
 def test_pp_round_trip_and_errors(tmp_path):
@@ -297,21 +282,24 @@ def test_mesh_readers(tmp_path, face):
     (tmp_path / "quad.obj").write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nvt 0 0\n"
                                        "f 1/1/1 2/1/1 3/1/1 4/1/1\nf -4 -3 -2\n")
     v, f = now_io.read_mesh(tmp_path / "quad.obj")
-    assert v.shape == (4, 3) and f.tolist() == [[0, 1, 2], [0, 2, 3], [0, 1, 2]]
+    assert v.shape == (4, 3) and v.dtype == np.float64 and f.dtype == np.int64
+    assert [sorted(t) for t in f.tolist()] == [[0, 1, 2], [0, 2, 3], [0, 1, 2]]
     trimesh.Trimesh(vertices, faces, process=False).export(tmp_path / "m.ply")
     v, f = now_io.read_mesh(tmp_path / "m.ply")
     np.testing.assert_allclose(v, vertices, atol=1e-4)
     np.testing.assert_array_equal(f, faces)
-    now_io.write_obj(tmp_path / "m.obj", vertices, faces)
-    v, f = now_io.read_mesh(tmp_path / "m.obj")
+    now_io.write_mesh(tmp_path / "new" / "m.obj", vertices, faces)  # creates the folder
+    v, f = now_io.read_mesh(tmp_path / "new" / "m.obj")
     np.testing.assert_allclose(v, vertices, atol=1e-5)
     np.testing.assert_array_equal(f, faces)
     (tmp_path / "bad.obj").write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nf 1 2 9\n")
-    with pytest.raises(now.NowFileError, match=r"bad\.obj: faces index vertices outside"):
+    with pytest.raises(now.NowFileError, match=r"bad\.obj: cannot read mesh"):
         now_io.read_mesh(tmp_path / "bad.obj")
     (tmp_path / "text.obj").write_text("v 0 zero 0\nf 1 1 1\n")
-    with pytest.raises(now.NowFileError, match=r"text\.obj: malformed vertex line"):
+    with pytest.raises(now.NowFileError, match=r"text\.obj: cannot read mesh"):
         now_io.read_mesh(tmp_path / "text.obj")
+    with pytest.raises(now.NowFileError, match=r"absent\.obj: file not found"):
+        now_io.read_mesh(tmp_path / "absent.obj")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -324,7 +312,7 @@ def _write_dataset(root, face, num_subjects=2, images=(("multiview_neutral", 2),
     for s in range(num_subjects):
         subject = f"subject_{s}"
         scan = _similarity(vertices, 10 + s, 1.0)
-        now_io.write_obj(root / "scans" / subject / "scan.obj", scan, faces)
+        now_io.write_mesh(root / "scans" / subject / "scan.obj", scan, faces)
         now_io.write_pp(root / "scans_lmks_onlypp" / subject / "scan.pp",
                         _similarity(landmarks, 10 + s, 1.0))
         for challenge, count in images:
@@ -373,6 +361,7 @@ def test_results_json_has_the_fixed_format(tmp_path, face):
                               labels=("good", "big"), metrical=True, workers=2, progress=False)
     assert cli.run(request, out=lines.append) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    # --predictions folders: no mean face, no crop fallbacks (nothing was predicted here).
     assert set(results) == {"all", "per_challenge", "per_image", "missing", "metrical", "protocol"}
     assert set(results["all"]) == {"median_mm", "mean_mm", "std_mm"}
     assert set(results["per_challenge"]) == set(now.CHALLENGES)
@@ -389,77 +378,41 @@ def test_results_json_has_the_fixed_format(tmp_path, face):
     assert any("| good | all | 6 |" in line for line in lines)
 
 
-def test_predict_split_with_a_fake_predictor_then_scores(tmp_path, face):
-    from PIL import Image
 
-    vertices, faces, landmarks = face
-    entries = _write_dataset(tmp_path / "now", face, num_subjects=1)
-    seen = []
-    for entry in entries:
-        image = np.full((120, 100, 3), 128, np.uint8)
-        Image.fromarray(image).save(tmp_path / "now" / "x.jpg")
-        target = tmp_path / "now" / now_io.IMAGES_DIR / entry.subject / entry.challenge / entry.image
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(target)
-        now_io.write_face_box(tmp_path / "now" / now_io.FACE_BOXES_DIR / entry.relative(".npy"),
-                              {"left": 20, "right": 80, "top": 30, "bottom": 100})
+# ----------------------------------------------------------------------------- the built-in split
 
-    def fake_predict(images):
-        seen.append(images.shape)
-        assert images.dtype == np.float32 and 0.0 <= images.min() and images.max() <= 1.0
-        batch = len(images)
-        return (np.tile(vertices[None] / 1000.0, (batch, 1, 1)),
-                np.tile(landmarks[None] / 1000.0, (batch, 1, 1)))
-
-    predict.predict_split(tmp_path / "now", entries, fake_predict, faces, tmp_path / "pred",
-                          batch_size=2, progress=False)
-    assert seen == [(2, 224, 224, 3), (1, 224, 224, 3)]
-    for entry in entries:
-        assert now_io.read_prediction_landmarks(
-            tmp_path / "pred" / entry.relative(".npy")).shape == (7, 3)
-    results = scoring.evaluate_predictions(tmp_path / "now", tmp_path / "pred", workers=1,
-                                           progress=False)
-    assert scoring.summary(results.all_distances())["median_mm"] < 1e-3
-    request = cli.EvalRequest(now_root=str(tmp_path / "now"), split="test",
-                              output=str(tmp_path / "export"), progress=False)
-    (tmp_path / "now" / "imagepathstest.txt").write_text(
-        (tmp_path / "now" / "imagepathsvalidation.txt").read_text())
-    assert cli.run(request, predictor_factory=lambda _: fake_predict, faces=faces,
-                   out=lambda *_: None) == 0
-    assert (tmp_path / "export" / "predictions" / entries[0].relative(".obj")).is_file()
-    assert not (tmp_path / "export" / "results.json").exists()
-
-
-def test_checkpoint_predictor_error_is_clear(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "recon.trainer", None)
-    with pytest.raises(RuntimeError, match="recon.trainer.load_predictor"):
-        predict.load_checkpoint_predictor("runs/default")
-
-
-def test_synthetic_split_has_the_now_layout_and_scores_its_ground_truth(tmp_path,
-                                                                      synthetic_model):
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory, synthetic_model):
+    """One validation and one test subject, one 192 px image per challenge (MediaPipe finds
+    these faces at 192 px; at 128 it misses the selfie)."""
     from recon.now import synthetic
 
     config = synthetic.SyntheticNowConfig(
-        num_val_subjects=1, num_test_subjects=1, image_size=64, subdivisions=1,
+        num_val_subjects=1, num_test_subjects=1, image_size=192, subdivisions=1,
         images_per_challenge=tuple((c, 1) for c in now.CHALLENGES))
-    root = synthetic.ensure_synthetic_split(config, root=tmp_path / "split", progress=False,
-                                            model=synthetic_model)
+    root = synthetic.ensure_synthetic_split(config, root=tmp_path_factory.mktemp("now") / "split",
+                                            progress=False, model=synthetic_model)
+    return config, root
+
+
+def test_synthetic_split_has_the_now_layout_and_scores_its_ground_truth(tiny_split):
+    from recon.image import read_image
+    from recon.now import synthetic
+
+    config, root = tiny_split
     assert synthetic.ensure_synthetic_split(config, root=root) == root  # cached: no rebuild
     val = now_io.read_image_list(root / "imagepathsvalidation.txt")
     test = now_io.read_image_list(root / "imagepathstest.txt")
     assert [e.challenge for e in val] == list(now.CHALLENGES) and len(test) == 4
     assert {e.subject for e in val}.isdisjoint({e.subject for e in test})
+    spec = crop_lib.CropSpec(anchor="box", size=224)
     for entry in val + test:
-        image = predict.read_image(root / now_io.IMAGES_DIR / entry.subject / entry.challenge
-                                   / entry.image)
-        box = now_io.read_face_box(root / now_io.FACE_BOXES_DIR / entry.relative(".npy"))
-        assert image.shape == (64, 64, 3)
-        assert 0 <= box["left"] < box["right"] <= 64 and 0 <= box["top"] < box["bottom"] <= 64
-        # The face is brighter/different from the background inside the box on average.
-        assert predict.load_crop(root, entry).shape == (224, 224, 3)
+        image = read_image(predict.image_path(root, entry))
+        box = now_io.read_face_box(predict.face_box_path(root, entry))
+        assert image.shape == (192, 192, 3) and image.dtype == np.uint8
+        assert 0 <= box["left"] < box["right"] <= 192 and 0 <= box["top"] < box["bottom"] <= 192
+        source = predict.CropSource(box=now_io.face_box_array(box))
+        assert predict.load_crop(root, entry, spec, source).image.shape == (224, 224, 3)
     with pytest.raises(now.NowFileError, match="expected one"):
         now_io.find_scan(root, test[0].subject)  # test scans are not public
     scan_path, pp_path = now_io.find_scan(root, val[0].subject)
@@ -472,23 +425,260 @@ def test_synthetic_split_has_the_now_layout_and_scores_its_ground_truth(tmp_path
     assert len(score.distances_mm) > 1000
 
 
-def test_mesh_predictor_wraps_a_code_predictor(face):
-    vertices, faces, landmarks = face
-    calls = []
+# ----------------------------------------------------------------------------- crops
 
-    class FakeTrainerPredictor:  # the shape of recon.trainer.Predictor
-        flame = type("Flame", (), {"faces": faces})()
+def test_now_box_crop_is_crop_image_on_the_box_and_deca_window(tmp_path):
+    from PIL import Image
 
-        def __call__(self, images):
-            return {"batch": len(images)}
+    from recon.image import read_image
 
-        def mesh(self, code, *, neutral=True):
-            calls.append(neutral)
-            return (np.tile(vertices[None], (code["batch"], 1, 1)),
-                    np.tile(landmarks[None], (code["batch"], 1, 1)))
+    entry = now_io.ImageEntry("subject", "selfie", "IMG_0001.jpg")
+    pixels = np.random.default_rng(4).integers(0, 256, (300, 320, 3), dtype=np.uint8)
+    predict.image_path(tmp_path, entry).parent.mkdir(parents=True)
+    Image.fromarray(pixels).save(predict.image_path(tmp_path, entry), "JPEG")
+    box = {"left": 100.0, "right": 180.0, "top": 60.0, "bottom": 160.0}
+    now_io.write_face_box(predict.face_box_path(tmp_path, entry), box)
+    spec = crop_lib.CropSpec(anchor="box", size=224, scale=1.6, box_side="mean")
+    [source] = predict.crop_sources(tmp_path, [entry], spec, flame=None, progress=False)
+    crop = predict.load_crop(tmp_path, entry, spec, source)
+    expected = crop_lib.crop_image(read_image(predict.image_path(tmp_path, entry)), spec,
+                                   box=[100.0, 60.0, 180.0, 160.0])
+    np.testing.assert_array_equal(crop.matrix, expected.matrix)
+    np.testing.assert_array_equal(crop.image, expected.image)
+    # DECA's NoW window: side int(1.6 x mean side) around the box centre; its corners are the
+    # crop's corners within a pixel.
+    side = int(1.6 * (80 + 100) / 2)
+    corners = crop.to_crop([[140 - side / 2, 110 - side / 2], [140 + side / 2, 110 + side / 2]])
+    np.testing.assert_allclose(corners, [[0, 0], [224, 224]], atol=1.0)
 
-    wrapped = predict.MeshPredictor(FakeTrainerPredictor())
-    out_vertices, out_landmarks = wrapped(np.zeros((2, 224, 224, 3), np.float32))
-    assert out_vertices.shape == (2, len(vertices), 3) and out_landmarks.shape == (2, 7, 3)
-    assert calls == [True]  # NoW scores the neutral (zero expression and pose) mesh
-    np.testing.assert_array_equal(wrapped.faces, faces)
+
+def test_fallback_landmarks_put_the_template_box_on_the_now_box():
+    template = np.random.default_rng(5).normal(0, 40, (68, 2))
+    box = np.array([30.0, 45.0, 130.0, 160.0])
+    moved = predict.fallback_landmarks(template, box)
+    # Same centre and mean side (a uniform scale cannot match both sides of another aspect).
+    own = crop_lib.box_from_landmarks(moved)
+    np.testing.assert_allclose((own[:2] + own[2:]) / 2, (box[:2] + box[2:]) / 2, atol=1e-9)
+    np.testing.assert_allclose(np.sum(own[2:] - own[:2]), np.sum(box[2:] - box[:2]), atol=1e-9)
+    # A similarity: relative distances are kept.
+    ratio = (np.linalg.norm(moved[1:] - moved[0], axis=1)
+             / np.linalg.norm(template[1:] - template[0], axis=1))
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------- a tiny model
+
+@pytest.fixture(scope="module")
+def tiny_model(synthetic_model):
+    """A randomly initialised tiny IResNet regressor and its `Predictor` (box crop, 64 px).
+
+    The backbone's weights are drawn with numpy from `jax.eval_shape` of its init (compiling
+    the backbone's init costs ~50 s on 2 shared CPUs); the head is initialised by
+    `build.init_variables` as it is for imported backbone weights.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from recon import inference
+    from recon.model import build
+
+    options = build.ModelOptions(stages=(1, 1, 1, 1), width=4, embedding_size=16,
+                                 head_hidden_size=16, head_num_hidden=1)
+    spec = crop_lib.CropSpec(anchor="box", size=64)
+    model, _ = build.build_model(options, camera=crop_lib.template_camera(spec, synthetic_model),
+                                 load_weights=False)
+    shapes = jax.eval_shape(model.backbone.init, jax.random.key(0),
+                            jnp.zeros((1,) + build.input_shape(options)))
+    rng = np.random.default_rng(0)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith(("['var']", "['scale']")):
+            return np.ones(leaf.shape, np.float32)
+        if name.endswith(("['mean']", "['bias']")):
+            return np.zeros(leaf.shape, np.float32)
+        if name.endswith("['alpha']"):
+            return np.full(leaf.shape, 0.25, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    imported = jax.tree_util.tree_map_with_path(
+        draw, {"params": shapes["params"], "batch_stats": shapes.get("batch_stats", {})})
+    variables = build.init_variables(model, imported, 0, options)
+    predictor = inference.predictor_from_variables(model, variables, crop=spec,
+                                                   input_kind=options.input_kind,
+                                                   flame=synthetic_model, step=7)
+    return types.SimpleNamespace(model=model, variables=variables, predictor=predictor)
+
+
+def _template_predictions(folder, entries, flame):
+    """The FLAME template (v_template, its 7 NoW landmarks) as every entry's prediction."""
+    import flame_jax
+
+    landmarks = flame_jax.forward(flame, flame_jax.FlameParams.zeros(1, flame)).landmarks[0]
+    landmarks7 = np.asarray(landmarks)[list(NOW_LANDMARKS_68)]
+    for entry in entries:
+        now_io.write_prediction(folder, entry, np.asarray(flame.v_template),
+                                np.asarray(flame.faces), landmarks7)
+
+
+def test_eval_with_a_checkpoint_scores_the_mean_face(tiny_split, tiny_model, synthetic_model,
+                                                     tmp_path):
+    _, root = tiny_split
+    lines = []
+    request = cli.EvalRequest(now_root=str(root), checkpoint="runs/tiny",
+                              output=str(tmp_path / "out"), workers=1, progress=False)
+    assert cli.run(request, predictor_factory=lambda _: tiny_model.predictor,
+                   out=lines.append) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"all", "per_challenge", "per_image", "missing", "metrical", "protocol",
+                            "mean_face", "crop_fallbacks"}
+    assert results["crop_fallbacks"] == []  # a box-anchored model needs no landmarks
+    mean_face = results["mean_face"]
+    assert set(mean_face) == {"median_mm", "mean_mm", "std_mm", "per_challenge"}
+    assert set(mean_face["per_challenge"]) == set(now.CHALLENGES)
+    entries = now_io.read_image_list(root / "imagepathsvalidation.txt")
+    for entry in entries:
+        assert (tmp_path / "out" / "predictions" / entry.relative(".obj")).is_file()
+    # The mean-face entry is the score of a folder of template predictions, made independently.
+    _template_predictions(tmp_path / "template", entries, synthetic_model)
+    direct = scoring.evaluate_predictions(root, tmp_path / "template", workers=1, progress=False)
+    for key, value in scoring.summary(direct.all_distances()).items():
+        assert mean_face[key] == pytest.approx(value, rel=1e-5)
+    for challenge in now.CHALLENGES:
+        expected = scoring.summary(direct.all_distances(challenge))
+        for key, value in expected.items():
+            assert mean_face["per_challenge"][challenge][key] == pytest.approx(value, rel=1e-5)
+    table = "\n".join(map(str, lines))
+    assert "| tiny | all | 4 |" in table and "| mean face | all | 4 |" in table
+    assert "| mean face | selfie | 1 |" in table
+    # The test split: exported for submission, nothing scored, no mean face.
+    export = cli.EvalRequest(now_root=str(root), split="test", checkpoint="runs/tiny",
+                             output=str(tmp_path / "export"), progress=False)
+    assert cli.run(export, predictor_factory=lambda _: tiny_model.predictor,
+                   out=lambda *_: None) == 0
+    test_entries = now_io.read_image_list(root / "imagepathstest.txt")
+    assert (tmp_path / "export" / "predictions" / test_entries[0].relative(".obj")).is_file()
+    assert not (tmp_path / "export" / "results.json").exists()
+    assert not (tmp_path / "export" / cli.MEAN_FACE_DIR).exists()
+
+
+def test_eval_reports_an_unloadable_checkpoint(tiny_split, tmp_path, capsys):
+    _, root = tiny_split
+    request = cli.EvalRequest(now_root=str(root), checkpoint=str(tmp_path / "empty"),
+                              output=str(tmp_path / "out"), progress=False)
+    assert cli.run(request, out=lambda *_: None) == cli.EXIT_ERROR
+    assert "holds no regressor checkpoint" in capsys.readouterr().err
+
+
+def _tree(root):
+    return sorted(str(path.relative_to(root)) for path in pathlib.Path(root).rglob("*"))
+
+
+def test_landmark_crops_are_detected_once_cached_and_fall_back(tiny_split, tiny_model,
+                                                                synthetic_model, tmp_path,
+                                                                monkeypatch):
+    pytest.importorskip("mediapipe", reason="landmark-anchored NoW crops detect faces with "
+                                            "mediapipe: pip install 'facerecon-jax[photo]'")
+    from PIL import Image
+
+    root = tmp_path / "now"
+    shutil.copytree(tiny_split[1], root)
+    entries = now_io.read_image_list(root / "imagepathsvalidation.txt")
+    blank = entries[0]
+    Image.fromarray(np.full((192, 192, 3), 120, np.uint8)).save(predict.image_path(root, blank),
+                                                                 "JPEG")
+    monkeypatch.setenv("FACERECON_CACHE_DIR", str(tmp_path / "cache"))
+    before = _tree(root)
+    spec = crop_lib.CropSpec(anchor="arcface_five_points", size=64)
+    sources = predict.crop_sources(root, entries, spec, synthetic_model, progress=False)
+    assert sources[0].fallback and sources[0].landmarks.shape == (68, 2)
+    detected = [source for source in sources[1:] if not source.fallback]
+    assert len(detected) >= 2  # MediaPipe finds the rendered faces (all 3 when this was written)
+    for source in detected:  # the detected face is the one in NoW's box
+        assert detect.box_iou(crop_lib.box_from_landmarks(source.landmarks), source.box) > 0.5
+    folder = predict.landmark_cache_dir(root, entries)
+    assert folder.parent == tmp_path / "cache" / predict.LANDMARKS_DIR
+    assert np.load(folder / blank.relative(".npy")).shape == (0, 2)  # "no face" is recorded
+    assert np.load(folder / entries[1].relative(".npy")).shape in ((68, 2), (0, 2))
+
+    def no_detector():
+        raise AssertionError("every image's landmarks should come from the cache")
+
+    again = predict.crop_sources(root, entries, spec, synthetic_model, progress=False,
+                                 detector_factory=no_detector)
+    for first, second in zip(sources, again):
+        np.testing.assert_allclose(first.landmarks, second.landmarks, atol=1e-4)
+        assert first.fallback == second.fallback
+    # The whole evaluation with a landmark-anchored model: the fallback is reported.
+    predictor = dataclasses.replace(tiny_model.predictor, crop=spec)
+    lines = []
+    request = cli.EvalRequest(now_root=str(root), checkpoint="runs/tiny",
+                              output=str(tmp_path / "out"), workers=1, progress=False)
+    assert cli.run(request, predictor_factory=lambda _: predictor, out=lines.append) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    fallbacks = sorted(e.key for e, s in zip(entries, sources) if s.fallback)
+    assert results["crop_fallbacks"] == fallbacks and blank.key in fallbacks
+    assert any(blank.key in str(line) and "template" in str(line) for line in lines)
+    assert len(results["per_image"]) == len(entries)
+    assert _tree(root) == before  # the NoW root is only read
+
+
+def test_landmark_model_without_mediapipe_names_the_install(tiny_split, tiny_model,
+                                                           synthetic_model, tmp_path,
+                                                           monkeypatch, capsys):
+    def missing():
+        raise detect.PhotoExtraMissing("No module named 'mediapipe'")
+
+    monkeypatch.setattr(detect, "_mediapipe", missing)
+    monkeypatch.setenv("FACERECON_CACHE_DIR", str(tmp_path / "cache"))
+    _, root = tiny_split
+    entries = now_io.read_image_list(root / "imagepathsvalidation.txt")
+    spec = crop_lib.CropSpec(anchor="dlib_five_points", size=64)
+    with pytest.raises(detect.PhotoExtraMissing,
+                       match=r"'dlib_five_points'.*pip install 'facerecon-jax\[photo\]'"):
+        predict.crop_sources(root, entries, spec, synthetic_model, progress=False)
+    predictor = dataclasses.replace(tiny_model.predictor, crop=spec)
+    request = cli.EvalRequest(now_root=str(root), output=str(tmp_path / "out"), progress=False)
+    assert cli.run(request, predictor_factory=lambda _: predictor,
+                   out=lambda *_: None) == cli.EXIT_ERROR
+    assert "pip install 'facerecon-jax[photo]'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "predictions").exists()
+
+
+# ----------------------------------------------------------------------------- during training
+
+def test_now_evaluator_scores_the_state_and_marks_the_best(tiny_split, tiny_model,
+                                                           synthetic_model, tmp_path):
+    from recon.training.regressor import now_eval
+    from recon.training.regressor.options import EvalOptions
+
+    _, root = tiny_split
+    predictor = tiny_model.predictor
+    options = types.SimpleNamespace(
+        eval=EvalOptions(now_root=str(root), now_split="val", now_workers=1),
+        data=types.SimpleNamespace(crop=predictor.crop),
+        model=types.SimpleNamespace(input_kind=predictor.input_kind))
+    evaluator = now_eval.NowEvaluator(options, tiny_model.model, synthetic_model,
+                                      tmp_path / "run")
+    state = types.SimpleNamespace(params=tiny_model.variables["params"],
+                                  batch_stats=tiny_model.variables["batch_stats"])
+    first = evaluator(0, state)
+    keys = {f"now_{prefix}{stat}_mm" for prefix in ("", "mean_face_")
+            for stat in ("median", "mean", "std")}
+    assert set(first) == keys and all(np.isfinite(value) and value > 0 for value in first.values())
+    entries = now_io.read_image_list(root / "imagepathsvalidation.txt")
+    for entry in entries:
+        assert (tmp_path / "run" / "now" / "step_0" / entry.relative(".obj")).is_file()
+    direct = scoring.evaluate_predictions(root, tmp_path / "run" / "now" / "step_0", workers=1,
+                                          progress=False)
+    assert first["now_median_mm"] == pytest.approx(np.median(direct.all_distances()))
+    second = evaluator(5, state)  # same parameters, same scores (no recompilation either)
+    assert second == pytest.approx(first)
+    history = [{"step": 0, **first}, {"step": 5, **second, "now_median_mm": 0.5},
+               {"step": 6}]
+    now_eval.NowEvaluator.mark_best(history)
+    assert [entry["now_best"] for entry in history] == [False, True, False]
+    with pytest.raises(ValueError, match="test scans"):
+        now_eval.NowEvaluator(types.SimpleNamespace(**{**vars(options), "eval": EvalOptions(
+            now_root=str(root), now_split="test")}), tiny_model.model, synthetic_model, tmp_path)

@@ -13,8 +13,10 @@ import pytest
 
 import flame_jax
 import spectral_gcn
-from recon import camera, losses, objective, regressor, types
-from recon.rasterizer import RasterSettings
+from recon import losses, objective, types
+from recon.render import camera
+from recon.model import regressor
+from recon.render.rasterizer import RasterSettings
 
 SIZE = 64
 SETTINGS = RasterSettings(height=SIZE, width=SIZE)
@@ -48,7 +50,7 @@ def assets(synthetic_model):
 def _gt_code(seed=0):
     rng = np.random.default_rng(seed)
     vector = np.zeros((SUBJECTS * K, types.CODE_SIZE), np.float32)
-    vector += regressor.initial_code_offset()[None]
+    vector += regressor.initial_code_offset((8.85, 0.0, 0.022))[None]
     code = types.split_code(jnp.asarray(vector))
     shape = np.repeat(rng.normal(size=(SUBJECTS, 300)) * 0.8, K, axis=0)  # one per subject
     return code.replace(
@@ -79,9 +81,9 @@ def batch(assets):
     skin[::2, 20:44, 16:48] = 1.0
     return types.Batch(
         images=jnp.asarray(images, jnp.float32),
-        backbone_images=jnp.zeros((SUBJECTS * K, 112, 112, 3)), landmarks=landmarks,
+        backbone_inputs=jnp.zeros((SUBJECTS * K, 112, 112, 3)), landmarks=landmarks,
         landmark_weights=jnp.ones((SUBJECTS * K, 68)), skin_masks=jnp.asarray(skin, jnp.float32),
-        vertices=neutral, posed_vertices=posed, has_3d=jnp.ones((SUBJECTS * K,)),
+        vertices=neutral, has_3d=jnp.ones((SUBJECTS * K,)),
         subject_ids=jnp.repeat(jnp.arange(SUBJECTS, dtype=jnp.int32), K))
 
 
@@ -152,15 +154,19 @@ def test_every_term_in_metrics_and_finite_gradient(evaluations):
     assert np.all(np.isfinite(grad))
     for name, part in types.code_slices().items():
         assert np.any(grad[:, part] != 0), name  # every code field gets a gradient
-    # The weighted sum, recomputed from the logged terms.
+    # The weighted sum, recomputed from the logged terms; the shape / expression / texture
+    # regularisers are DECA's batch sums, counted over both halves of the consistency batch
+    # (x (1 + c) = 2 in each half's loss, whose mean is taken below).
     w = weights
+    assert w.regulariser_reduction == "sum"
     loss_3d = w.vertex * metrics["vertex_mm"] + w.id_3d * metrics["id_3d"]
     loss_2d = (w.landmark * metrics["landmark_ndc"] + w.eye_closure * metrics["eye_closure_ndc"]
                + w.lip_distance * metrics["lip_distance_ndc"]
                + w.photometric * metrics["photometric_l1"]
                + w.identity * metrics["identity_1_minus_cos"]
-               + w.shape_reg * metrics["shape_reg"] + w.expression_reg * metrics["expression_reg"]
-               + w.texture_reg * metrics["texture_reg"] + w.light_reg * metrics["light_reg"])
+               + 2 * w.shape_reg * metrics["shape_reg"]
+               + 2 * w.expression_reg * metrics["expression_reg"]
+               + 2 * w.texture_reg * metrics["texture_reg"] + w.light_reg * metrics["light_reg"])
     np.testing.assert_allclose(metrics["loss_3d"], loss_3d, rtol=1e-5)
     np.testing.assert_allclose(metrics["loss_2d"], loss_2d, rtol=1e-5)
     plain = w.w3d * loss_3d + w.w2d * loss_2d
@@ -237,6 +243,25 @@ def test_code_objective_equals_objective_of_predict(assets, batch, predict_fn):
                                    atol=1e-7, err_msg=name)
 
 
+def test_image_subjects_render_a_sub_batch(assets, batch):
+    """`image_subjects=1`: the rendered terms are those of the first subject's K images (and
+    their swapped copies) alone; every other term sees the whole batch."""
+    weights = objective.LossWeights(id_3d=0.0, image_subjects=1)
+    code, rng = _perturbed_code(), jax.random.PRNGKey(4)
+    run = lambda c, b, w: jax.jit(lambda c: objective.code_objective(  # noqa: E731
+        c, b, assets, w, images_per_subject=K, render_settings=SETTINGS, rng=rng)[1])(c)
+    sub = run(code, batch, weights)
+    first = jax.tree.map(lambda x: x[:K], code)
+    alone = run(first, jax.tree.map(lambda x: x[:K], batch),
+                dataclasses.replace(weights, image_subjects=0))
+    full = run(code, batch, dataclasses.replace(weights, image_subjects=0))
+    for name in ("photometric_l1", "identity_1_minus_cos", "consistency/photometric_l1"):
+        np.testing.assert_allclose(sub[name], alone[name], rtol=1e-5, err_msg=name)
+    for name in ("vertex_mm", "landmark_ndc", "shape_reg"):
+        np.testing.assert_allclose(sub[name], full[name], rtol=1e-5, err_msg=name)
+    assert abs(float(sub["photometric_l1"]) - float(full["photometric_l1"])) > 1e-6
+
+
 def test_has_3d_masks_the_3d_terms(assets, batch, predict_fn):
     weights = objective.LossWeights(w2d=0.0, shape_consistency=0.0, id_3d=0.0)
     code = _perturbed_code()
@@ -249,6 +274,31 @@ def test_has_3d_masks_the_3d_terms(assets, batch, predict_fn):
                                                    assets.region_weights))
     np.testing.assert_allclose(full, per_example.mean(), rtol=1e-5)
     np.testing.assert_allclose(first_only, per_example[0], rtol=1e-5)
+
+
+def test_regularisers_reduce_as_deca_and_identity_sees_only_the_shape(assets, batch):
+    code = _perturbed_code()
+    half = 0.5 * np.sum(np.asarray(code.shape, np.float64) ** 2, axis=-1)
+    for reduction, expected in (("sum", half.sum()), ("mean", half.mean())):
+        weights = objective.LossWeights(regulariser_reduction=reduction, photometric=0.0,
+                                        identity=0.0, id_3d=0.0, shape_consistency=0.0)
+        metrics = jax.jit(lambda v: objective.code_objective(
+            types.split_code(v), batch, assets, weights, images_per_subject=K)[1])(
+            code.to_vector())
+        np.testing.assert_allclose(float(metrics["shape_reg"]), expected, rtol=1e-5)
+    # DECA's id_shape_only: the identity term's gradient reaches the shape (through the
+    # rendered normals and silhouette) but neither the texture nor the light.
+    weights = objective.LossWeights(w3d=0.0, landmark=0.0, eye_closure=0.0, lip_distance=0.0,
+                                    photometric=0.0, shape_reg=0.0, expression_reg=0.0,
+                                    texture_reg=0.0, light_reg=0.0, shape_consistency=0.0)
+    grad = np.asarray(jax.jit(jax.grad(lambda v: objective.code_objective(
+        types.split_code(v), batch, assets, weights, images_per_subject=K,
+        render_settings=SETTINGS)[0]))(code.to_vector()))
+    slices = types.code_slices()
+    assert np.any(grad[:, slices["shape"]] != 0)
+    assert np.all(grad[:, slices["texture"]] == 0) and np.all(grad[:, slices["light"]] == 0)
+    with pytest.raises(ValueError, match="regulariser_reduction"):
+        objective.LossWeights(regulariser_reduction="max")
 
 
 def test_loss_weights_validate():

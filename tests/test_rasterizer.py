@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recon import camera, rasterizer
+from recon.render import camera, rasterizer
 
 SIZE = 80
 

@@ -10,7 +10,17 @@ import optax
 import pytest
 
 import flame_jax
-from recon import backbone, camera, regressor, shading, types
+from recon import types
+from recon.render import camera, shading
+from recon import model as backbone
+from recon.model import regressor, build
+from recon.training.regressor.step import make_optimizer as make_train_optimizer
+from recon.training.regressor.options import OptimOptions
+
+
+CAMERA = (8.85, 0.0, 0.022)
+LAST_STAGE = dict(trainable_parts=backbone.TRAINABLE_PREFIXES,
+                  always_frozen=backbone.ALWAYS_FROZEN_PATHS)
 
 
 def _path(path):
@@ -39,7 +49,8 @@ def _init(batch_norm_train_parts=()):
     the real one.
     """
     model = regressor.Regressor(
-        backbone=backbone.IResNet.small(batch_norm_train_parts=batch_norm_train_parts))
+        backbone=backbone.IResNet.small(batch_norm_train_parts=batch_norm_train_parts),
+        initial_camera=CAMERA)
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 112, 112, 3))
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(1), images)
     rng = np.random.default_rng(0)
@@ -55,7 +66,7 @@ def _init(batch_norm_train_parts=()):
 
     filled = jax.tree_util.tree_map_with_path(draw, shapes)
     head_params = jax.jit(regressor.MappingHead(
-        output_offset=tuple(regressor.initial_code_offset().tolist())).init)(
+        output_offset=tuple(regressor.initial_code_offset(CAMERA).tolist())).init)(
             jax.random.PRNGKey(2), jnp.zeros((1, 512)))["params"]
     params = {"backbone": filled["params"]["backbone"], "head": head_params}
     variables = {"params": params, "batch_stats": filled["batch_stats"]}
@@ -64,7 +75,7 @@ def _init(batch_norm_train_parts=()):
 
 def test_labels_name_trainable_and_frozen_paths():
     model, variables, _ = _init()
-    labels = regressor.trainable_labels(variables["params"])
+    labels = regressor.trainable_labels(variables["params"], **LAST_STAGE)
     flat = {_path(path): label
             for path, label in jax.tree_util.tree_flatten_with_path(labels)[0]}
     for path, label in flat.items():
@@ -81,9 +92,9 @@ def test_labels_name_trainable_and_frozen_paths():
     counts = regressor.count_parameters(variables["params"], labels)
     assert counts["trainable"] > 0 and counts["frozen"] > 0
     with pytest.raises(ValueError, match="stage9"):
-        regressor.trainable_labels(variables["params"], trainable_prefixes=("stage9",))
+        regressor.trainable_labels(variables["params"], trainable_parts=("stage9",))
     with pytest.raises(ValueError, match="backbone"):
-        regressor.trainable_labels({"head": {}})
+        regressor.trainable_labels({"head": {}}, trainable_parts=())
 
 
 def test_default_backbone_never_updates_batch_stats_in_train_mode():
@@ -100,7 +111,9 @@ def test_optimizer_step_changes_only_trainable_and_no_frozen_batch_stats():
     batch_norm_train_parts = ("stage4",)
     model, variables, images = _init(batch_norm_train_parts)
     params, stats = variables["params"], variables["batch_stats"]
-    optimizer = regressor.make_optimizer(params, learning_rate=1e-2, weight_decay=1e-2)
+    labels = regressor.trainable_labels(params, **LAST_STAGE)
+    optimizer = make_train_optimizer(labels, OptimOptions(learning_rate=1e-2, weight_decay=1e-2),
+                                     10)
     opt_state = optimizer.init(params)
     target = jax.random.normal(jax.random.PRNGKey(5), (2, types.CODE_SIZE))
 
@@ -115,7 +128,6 @@ def test_optimizer_step_changes_only_trainable_and_no_frozen_batch_stats():
         return optax.apply_updates(params, updates), new_stats, opt_state, grads
 
     new_params, new_stats, _, grads = step(params, stats, opt_state)
-    labels = regressor.trainable_labels(params)
     frozen_with_gradient = 0
     for (path, old), new, grad, label in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                              jax.tree.leaves(new_params), jax.tree.leaves(grads),
@@ -137,16 +149,16 @@ def test_optimizer_step_changes_only_trainable_and_no_frozen_batch_stats():
 
 def test_head_starts_at_the_mean_camera_and_ambient_light():
     model, variables, images = _init()
-    code = jax.jit(functools.partial(regressor.predict_code, model))(variables, images)
+    code = types.split_code(jax.jit(model.apply)(variables, images))
     assert isinstance(code, types.Code) and code.shape.shape == (2, 300)
-    np.testing.assert_allclose(np.asarray(code.camera),
-                               np.broadcast_to(regressor.DEFAULT_CAMERA, (2, 3)), atol=0.3)
+    np.testing.assert_allclose(np.asarray(code.camera), np.broadcast_to(CAMERA, (2, 3)),
+                               atol=0.3)
     light = np.asarray(code.sh_light)
     np.testing.assert_allclose(light[:, 0], regressor.AMBIENT_LIGHT_BAND0, atol=0.3)
     assert np.abs(light[:, 1:]).max() < 0.3
     # Small init: the rest of the code is near zero.
     assert np.abs(np.asarray(code.shape)).max() < 0.5
-    offset = regressor.initial_code_offset()
+    offset = regressor.initial_code_offset(CAMERA)
     np.testing.assert_array_equal(np.asarray(variables["params"]["head"]["output"]["bias"]),
                                   offset)
     # Ambient band 0 alone shades every normal by exactly 1 (colour = albedo: 0.5 -> mid-grey).
@@ -156,21 +168,43 @@ def test_head_starts_at_the_mean_camera_and_ambient_light():
     np.testing.assert_allclose(np.asarray(shading.sh_shading(normals, sh)), 1.0, rtol=1e-6)
 
 
-def test_default_camera_frames_the_template_like_a_detector_crop(synthetic_model):
-    out = jax.jit(flame_jax.forward)(synthetic_model,
-                                     flame_jax.FlameParams.zeros(1, synthetic_model))
-    landmarks = np.asarray(out.landmarks[0])
-    computed = regressor.camera_for_landmarks(landmarks, crop_scale=1.6)
-    np.testing.assert_allclose(computed, regressor.DEFAULT_CAMERA, atol=2e-3, rtol=1e-2)
-    pixels = np.asarray(camera.project_to_pixels(
-        jnp.asarray(landmarks)[None], jnp.asarray(regressor.DEFAULT_CAMERA)[None], (224, 224)))[0]
-    low, high = pixels[:, :2].min(0), pixels[:, :2].max(0)
-    # The landmark box is 1/1.6 of the crop (224 / 1.6 = 140 px) and centred.
-    np.testing.assert_allclose(np.mean(high - low), 140.0, atol=2.0)
-    np.testing.assert_allclose((low + high) / 2, [112.0, 112.0], atol=1.0)
+def test_features_input_equals_the_pixel_regressor():
+    """A regressor reading the frozen trunk's features (`model.trunk_cache`) computes the same
+    code from the same parameters as the pixel regressor."""
+    model, variables, images = _init()
+    features = jax.jit(lambda v, x: model.backbone.apply(
+        {"params": v["params"]["backbone"], "batch_stats": v["batch_stats"]["backbone"]}, x,
+        until="stage3", method=backbone.IResNet.features))(variables, images)
+    from_features = model.clone(input_kind="features", trunk_end="stage3")
+    np.testing.assert_allclose(np.asarray(jax.jit(from_features.apply)(variables, features)),
+                               np.asarray(jax.jit(model.apply)(variables, images)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_build_model_options_and_errors():
+    options = build.ModelOptions(backbone="dlib", trainable="last_stage", trunk_cache=True)
+    assert options.input_kind == "dlib" and options.trainable_parts() == (
+        "level1", "level0", "fc")
+    with pytest.raises(ValueError, match="trunk_cache"):
+        build.ModelOptions(trunk_cache=True)
+    with pytest.raises(ValueError, match="batch_norm"):
+        build.ModelOptions(backbone="dlib", batch_norm="batch")
+    with pytest.raises(ValueError, match="arcface_path"):
+        build.ModelOptions(backbone="dlib", arcface_path="x.onnx")
+    with pytest.raises(ValueError, match="dtype"):
+        build.ModelOptions(dtype="float64")
+    assert build.ModelOptions(dtype="auto").compute_dtype("cpu") == jnp.float32
+    assert build.ModelOptions(dtype="auto").compute_dtype("gpu") == jnp.bfloat16
+    # bf16 compute, f32 parameters: the code stays float32.
+    model, _ = build.build_model(build.ModelOptions(width=8, embedding_size=64,
+                                                    dtype="bfloat16"), camera=CAMERA)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 112, 112, 3)))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes["params"]))
+    out = jax.eval_shape(model.apply, shapes, jnp.zeros((1, 112, 112, 3)))
+    assert out.dtype == jnp.float32
 
 
 def test_bad_images_raise():
     model, variables, _ = _init()
-    with pytest.raises(ValueError, match="backbone_images"):
+    with pytest.raises(ValueError, match="Regressor inputs"):
         model.apply(variables, jnp.zeros((2, 112, 112)))

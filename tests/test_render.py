@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recon import camera, rasterizer, render, shading
+from recon import render
+
+from recon.render import camera, rasterizer, shading
 
 SETTINGS = rasterizer.RasterSettings(height=64, width=64)
 

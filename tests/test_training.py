@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import struct
 
-from recon.training import checkpoints, config as config_lib, guard, metrics, sharding
+from recon import options as config_lib
+from recon.training import checkpoints, guard, metrics, sharding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,16 +21,23 @@ MICA keeps `image_paths/` beside its code (`datasets/image_paths/`); here it def
 `<root>/image_paths/` and `image_paths_dir=` points elsewhere. The `.npy` is read through the
 restricted unpickler (`flame_jax.safe_pickle.load_npy`), never `np.load(allow_pickle=True)`.
 MICA's ground truth is the neutral FLAME mesh of `betas[:300]` (zero expression and pose), which
-is what `vertices` holds; `betas[300:]` and `pose` describe the scan, not the photos, so
-`posed_vertices` is a copy of `vertices`. Photos have no landmarks or skin masks here:
-`landmark_weights` and `skin_masks` are zero (the objective then uses the rendered face region).
+is what `vertices` holds (`betas[300:]` and `pose` describe the scan, not the photos).
+
+The crop: MICA's images are insightface `norm_crop` crops, i.e. `recon.image.CropSpec(anchor=
+"arcface_five_points", size=224)`; a run whose crop is another window is refused (its size may
+differ: the images are resized, `recon.image.preprocess.resize`). The 68 landmarks of the 2D
+losses (`landmarks="detected"`) are the photo detector's, found once by
+`python -m recon.data.prepare_mica ROOT NAME...` and stored beside the images as
+`<root>/<NAME>/landmarks_68/<image path>.npy` ((68, 2) float32 pixels of the stored image);
+an image where no face was found has none (its landmark weights are 0). Skin masks are zero
+(the objective then uses the rendered face region).
 """
 
 from __future__ import annotations
 
 import pathlib
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import jax
@@ -40,13 +47,19 @@ import flame_jax
 from flame_jax.errors import FlameFileError, FlameFileNotFoundError
 from flame_jax.fileio import read_npz
 from flame_jax.safe_pickle import load_npy
-from recon.backbone.preprocess import BACKBONE_SIZE, backbone_input_from_crop
 from recon.data.synthetic import PicklableModel
+from recon.image import crop as crop_lib
+from recon.image import preprocess
+from recon.image.io import ImageReadError, read_image
 
 IMAGE_FOLDER = "arcface_input"
 FLAME_FOLDER = "FLAME_parameters"
 REGISTRATION_FOLDER = "registrations"
-NUM_SHAPE = 300  # MICA: betas[:300] is the identity, betas[300:] the expression
+LANDMARK_FOLDER = "landmarks_68"
+NUM_SHAPE = 300
+BLOB_SIZE = 112
+# What MICA's `arcface_input` images are: insightface's norm_crop at 224.
+MICA_CROP = crop_lib.CropSpec(anchor="arcface_five_points", size=224)  # MICA: betas[:300] is the identity, betas[300:] the expression
 
 
 def _actor_table(path: pathlib.Path) -> Dict[str, Tuple[List[str], str]]:
@@ -66,30 +79,45 @@ def _actor_table(path: pathlib.Path) -> Dict[str, Tuple[List[str], str]]:
     return out
 
 
-def _read_image(path: pathlib.Path, size: int) -> np.ndarray:
-    """Image file -> (size, size, 3) float32 RGB in [0, 1]."""
+def _read_image(path: pathlib.Path) -> np.ndarray:
+    """Image file -> (H, W, 3) float32 RGB in [0, 1] (`recon.image.read_image`)."""
     if not path.is_file():
         raise FlameFileNotFoundError(f"{path}: no such image file")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FlameFileError(f"{path}: cannot decode image")
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-    if rgb.shape[:2] != (size, size):
-        shrink = rgb.shape[0] > size or rgb.shape[1] > size
-        rgb = cv2.resize(rgb, (size, size),
-                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return rgb
+    try:
+        return read_image(path).astype(np.float32) / np.float32(255.0)
+    except ImageReadError as error:
+        raise FlameFileError(str(error)) from error
 
 
 def _read_blob(path: pathlib.Path) -> np.ndarray:
     """MICA's ArcFace blob (3, 112, 112) -> (112, 112, 3) float32."""
     blob = np.asarray(load_npy(path))
-    if blob.shape == (1, 3, BACKBONE_SIZE, BACKBONE_SIZE):
+    if blob.shape == (1, 3, BLOB_SIZE, BLOB_SIZE):
         blob = blob[0]
-    if blob.shape != (3, BACKBONE_SIZE, BACKBONE_SIZE) or not np.all(np.isfinite(blob)):
+    if blob.shape != (3, BLOB_SIZE, BLOB_SIZE) or not np.all(np.isfinite(blob)):
         raise FlameFileError(f"{path}: expected a finite (3, 112, 112) ArcFace blob, got shape "
                              f"{blob.shape}")
     return np.ascontiguousarray(blob.transpose(1, 2, 0), np.float32)
+
+
+def landmark_path(root: pathlib.Path, name: str, relative: str) -> pathlib.Path:
+    """Where the detected landmarks of image `relative` of dataset `name` are stored."""
+    return pathlib.Path(root) / name / LANDMARK_FOLDER / (relative + ".npy")
+
+
+def read_landmarks(path: pathlib.Path) -> Optional[np.ndarray]:
+    """(68, 2) float32 detected landmarks, or None when the file records "no face" (an empty
+    array); errors name the file."""
+    if not path.is_file():
+        raise FlameFileNotFoundError(
+            f"{path}: no detected landmarks; run `python -m recon.data.prepare_mica ROOT NAME` "
+            f"once (or set data.mica_landmarks='none' and switch the landmark terms off)")
+    points = np.asarray(load_npy(path))
+    if points.size == 0:
+        return None
+    if points.shape != (68, 2) or not np.all(np.isfinite(points)):
+        raise FlameFileError(f"{path}: expected finite (68, 2) landmarks, got {points.shape}")
+    return points.astype(np.float32)
 
 
 def read_flame_parameters(path: pathlib.Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -130,9 +158,12 @@ class MicaDataset:
       repeats: the source holds `repeats` records per actor (record key = draw * actors +
         actor), so that an epoch can draw each actor's images `repeats` different ways.
       image_paths_dir: folder of `NAME.npy` (default `<root>/image_paths`).
-      image_size: the crop size (the 224 `norm_crop` images are resized only if they differ).
-      use_arcface_blobs: take `backbone_images` from MICA's `.npy` blob when it exists
-        (else from the crop, `recon.backbone.backbone_input_from_crop`).
+      crop: the run's crop; must be `MICA_CROP`'s window (any size).
+      image_size: the 2D losses' image side (the stored crops are resized to it).
+      backbone_kind: `recon.image.backbone_input` kind of `backbone_inputs`.
+      landmarks: "detected" (read `landmarks_68/`, see the module docstring) or "none".
+      use_arcface_blobs: take `backbone_inputs` from MICA's `.npy` ArcFace blob when it exists
+        (backbone_kind "arcface" only; else from the image).
     Subject ids are the actors' positions in the sorted (NAME, actor) list.
     Missing folders/lists raise `FlameFileNotFoundError` at construction; a missing image or
     parameter file raises it when its record is read, naming the path.
@@ -140,7 +171,9 @@ class MicaDataset:
 
     def __init__(self, root, names: Sequence[str], *, model: flame_jax.FlameModel,
                  images_per_subject: int = 2, seed: int = 0, repeats: int = 1,
-                 image_paths_dir=None, image_size: int = 224, use_arcface_blobs: bool = True):
+                 image_paths_dir=None, crop: crop_lib.CropSpec = MICA_CROP,
+                 image_size: int = 224, backbone_kind: str = "arcface",
+                 landmarks: str = "detected", use_arcface_blobs: bool = True):
         self.root = pathlib.Path(root)
         if isinstance(names, str):
             names = (names,)
@@ -151,6 +184,15 @@ class MicaDataset:
                              f"must be >= 1")
         if not self.root.is_dir():
             raise FlameFileNotFoundError(f"{self.root}: MICA dataset root does not exist")
+        if crop.resized(MICA_CROP.size) != MICA_CROP:
+            raise ValueError(f"MICA-format images are insightface norm_crop crops ({MICA_CROP}); "
+                             f"the run's crop {crop} is another window: set data.crop.anchor="
+                             f"'arcface_five_points'")
+        if backbone_kind not in preprocess.BACKBONE_INPUT_SIZE:
+            raise ValueError(f"backbone_kind must be one of "
+                             f"{sorted(preprocess.BACKBONE_INPUT_SIZE)}, got {backbone_kind!r}")
+        if landmarks not in ("detected", "none"):
+            raise ValueError(f"landmarks must be 'detected' or 'none', got {landmarks!r}")
         lists = pathlib.Path(image_paths_dir) if image_paths_dir else self.root / "image_paths"
         self.actors: List[Tuple[str, str, List[str], str]] = []
         for name in sorted(names):
@@ -165,7 +207,9 @@ class MicaDataset:
         self.seed = int(seed)
         self.repeats = int(repeats)
         self.image_size = int(image_size)
-        self.use_arcface_blobs = bool(use_arcface_blobs)
+        self.backbone_kind = backbone_kind
+        self.landmarks = landmarks
+        self.use_arcface_blobs = bool(use_arcface_blobs) and backbone_kind == "arcface"
         self._model = PicklableModel(model)
         self._num_shape = model.num_shape
 
@@ -190,30 +234,38 @@ class MicaDataset:
         if not 0 <= record_key < len(self):
             raise IndexError(f"record {record_key} outside [0, {len(self)})")
         draw, actor_index = divmod(record_key, len(self.actors))
-        name, _, images, _ = self.actors[actor_index]
+        name, _, images_list, _ = self.actors[actor_index]
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, actor_index, draw]))
-        chosen = rng.choice(len(images), size=self.images_per_subject,
-                            replace=len(images) < self.images_per_subject)
+        chosen = rng.choice(len(images_list), size=self.images_per_subject,
+                            replace=len(images_list) < self.images_per_subject)
         vertices = self.neutral_vertices(actor_index)
-        crops, inputs = [], []
-        for index in chosen:
-            path = self.image_path(name, images[index])
-            crop = _read_image(path, self.image_size)
+        k, size = self.images_per_subject, self.image_size
+        images, inputs = [], []
+        points = np.zeros((k, 68, 2), np.float32)
+        weights = np.zeros((k, 68), np.float32)
+        for row, index in enumerate(chosen):
+            path = self.image_path(name, images_list[index])
+            image = _read_image(path)
             blob = pathlib.Path(re.sub(r"png|jpg", "npy", str(path)))  # MICA's own rule
             if self.use_arcface_blobs and blob != path and blob.is_file():
                 inputs.append(_read_blob(blob))
             else:
-                inputs.append(backbone_input_from_crop(crop, max_value=1.0))
-            crops.append(crop)
-        k, size = self.images_per_subject, self.image_size
+                inputs.append(preprocess.backbone_input(image[None], self.backbone_kind)[0])
+            if self.landmarks == "detected":
+                found = read_landmarks(landmark_path(self.root, name, images_list[index]))
+                if found is not None:
+                    scaled = found * np.float32(size / image.shape[1])
+                    points[row] = scaled
+                    weights[row] = np.all((scaled >= 0) & (scaled < size), -1)
+            images.append(preprocess.resize(image[None], size)[0] if image.shape[:2] != (
+                size, size) else image)
         return dict(
-            images=np.stack(crops).astype(np.float32),
-            backbone_images=np.stack(inputs).astype(np.float32),
-            landmarks=np.zeros((k, 68, 2), np.float32),
-            landmark_weights=np.zeros((k, 68), np.float32),
+            images=np.clip(np.stack(images), 0.0, 1.0).astype(np.float32),
+            backbone_inputs=np.stack(inputs).astype(np.float32),
+            landmarks=points,
+            landmark_weights=weights,
             skin_masks=np.zeros((k, size, size), np.float32),
             vertices=np.repeat(vertices[None], k, 0),
-            posed_vertices=np.repeat(vertices[None], k, 0),
             has_3d=np.ones((k,), np.float32),
             subject_ids=np.full((k,), actor_index, np.int32))
 
@@ -223,10 +275,16 @@ class MicaDataset:
 
 
 def write_tiny_tree(root, model: flame_jax.FlameModel, *, name: str = "TINY", actors: int = 3,
-                    images_per_actor: int = 3, seed: int = 0, blobs: bool = True
+                    images_per_actor: int = 3, seed: int = 0, blobs: bool = True,
+                    landmarks: bool = True, no_face: Sequence[str] = ()
                     ) -> Dict[str, np.ndarray]:
     """Write a small dataset in MICA's layout (for tests and examples); returns {actor: shape
-    coefficients (300,)}. Images are random-noise JPEGs with a solid square per actor."""
+    coefficients (300,)}. Images are random-noise JPEGs with a solid square per actor.
+
+    landmarks: also write `landmarks_68/` as `python -m recon.data.prepare_mica` does: 68
+      random points inside the square ((68, 2) float32 pixels) per image, or an empty array
+      ("no face found") for the image paths listed in `no_face` (e.g. "actor_00/image_001.jpg").
+    """
     root = pathlib.Path(root)
     rng = np.random.default_rng(seed)
     table, shapes = {}, {}
@@ -248,6 +306,12 @@ def write_tiny_tree(root, model: flame_jax.FlameModel, *, name: str = "TINY", ac
             pixels = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
             pixels[80:140, 80:140] = (40 * a, 100, 200 - 40 * i)
             cv2.imwrite(str(path), pixels)
+            if landmarks:
+                points = (np.zeros((0, 2)) if relative in no_face else  # own stream
+                          np.random.default_rng([seed, a, i]).uniform(80.0, 140.0, (68, 2)))
+                target = landmark_path(root, name, relative)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                np.save(target, points.astype(np.float32))
             if blobs:
                 rgb = cv2.cvtColor(cv2.resize(pixels, (112, 112), interpolation=cv2.INTER_AREA),
                                    cv2.COLOR_BGR2RGB)

@@ -33,12 +33,11 @@ from recon.types import Batch
 # Field -> (dtype, trailing shape without the example axis; None = any size).
 FIELDS: Dict[str, tuple] = {
     "images": (np.float32, (None, None, 3)),
-    "backbone_images": (np.float32, (112, 112, 3)),
+    "backbone_inputs": (np.float32, (None, None, None)),
     "landmarks": (np.float32, (68, 2)),
     "landmark_weights": (np.float32, (68,)),
     "skin_masks": (np.float32, (None, None)),
     "vertices": (np.float32, (None, 3)),
-    "posed_vertices": (np.float32, (None, 3)),
     "has_3d": (np.float32, ()),
     "subject_ids": (np.int32, ()),
 }
@@ -74,8 +73,6 @@ def check_example(example: Mapping[str, Any], *, leading: int = 0, what: str = "
     if images.shape[:-1] != masks.shape:
         raise ValueError(f"{what}: images {images.shape} and skin_masks {masks.shape} differ in "
                          f"size")
-    if np.asarray(example["vertices"]).shape != np.asarray(example["posed_vertices"]).shape:
-        raise ValueError(f"{what}: vertices and posed_vertices differ in shape")
 
 
 class FlattenSubjects(grain.MapTransform):

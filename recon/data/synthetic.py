@@ -3,19 +3,27 @@
 Each subject is a random identity (FLAME shape coefficients, skin tone, texture coefficients,
 hair colour and hairline), fixed by `(seed, subject_index)`. Each of its images is fixed by
 `(seed, subject_index, image_index)`: expression, jaw, gaze, head pose (yaw up to +-40 degrees,
-smaller pitch and roll), a face-detector-like crop (box from the projected landmarks, scale and
-shift jitter), optional perspective distortion, light (DECA's 9-band SH, or Lambert directional
-+ ambient, plus a Blinn-Phong highlight), albedo beyond the basis (tint, per-vertex noise,
-blotches), and the host-side randomisation of `recon.data.augment` (structured backgrounds,
-occluders, blur, noise, JPEG, colour jitter).
+smaller pitch and roll), optional perspective distortion, light (DECA's 9-band SH, or Lambert
+directional + ambient, plus a Blinn-Phong highlight), albedo beyond the basis (tint, per-vertex
+noise, blotches), and the host-side randomisation of `recon.data.augment` (structured
+backgrounds, occluders, blur, noise, JPEG, colour jitter).
 
-Two stages:
-  `render_scenes(model, scenes, settings=...)`: jitted; FLAME forward, crop camera, render,
-    shading, face-region mask, landmarks, for a batch of images in one call (the renderer is
-    the cost).
-  `compose_example(...)`: numpy/cv2; background, occluders, skin mask, degradations, the 112
-    backbone input.
-`make_subject` runs both for the K images of one subject; `make_example` is one image of it.
+The crop is the run's `recon.image.CropSpec`, made the way prediction makes it: the head's 68
+landmarks in a reference photo frame, moved by a detector's error (`landmark_noise`: Gaussian,
+a fraction of the landmark box side, per point and axis; for box crops also the box's
+`box_scale_jitter` / `box_shift_jitter`), give the crop matrix through `recon.image.crop_matrix`
+exactly as a photo's detected landmarks (or box) do; the head is then rendered straight into that
+crop (`recon.image.crop.crop_camera`: an in-plane roll and a camera; no resampling) at the crop's
+size. The 2D losses' image is that crop resized to `image_size` (`recon.image.preprocess.resize`).
+
+Stages:
+  `scene_landmarks(model, scenes)`: jitted FLAME forward of the landmarks (after distortion).
+  `crop_geometry(landmarks_3d, scenes, config)`: host; the detector's view and the crop matrix.
+  `render_scenes(model, scenes, rolls, cameras, settings=...)`: jitted; FLAME, render, shading,
+    face-region mask and landmarks in the crop, for a batch of images in one call.
+  `compose_example(...)`: numpy/cv2; background, occluders, skin mask, degradations, resize.
+`make_subject` runs them for the K images of one subject; `make_subjects` for many subjects in
+batched device calls; `make_example` is one image.
 
 Subject-index ranges (identities never shared between them; the ranges only need to be
 disjoint because every identity is drawn from its own random stream):
@@ -38,11 +46,12 @@ from flax import struct
 from scipy.spatial.transform import Rotation
 
 import flame_jax
-from recon import camera as camera_lib
-from recon import rasterizer, shading
 from recon import render as render_lib
-from recon.backbone.preprocess import backbone_input_from_crop
 from recon.data import augment
+from recon.image import crop as crop_lib
+from recon.image import preprocess
+from recon.render import camera as camera_lib
+from recon.render import rasterizer, shading
 
 Array = jax.Array
 
@@ -60,7 +69,6 @@ _COMPOSE_STREAM = 2
 class SyntheticConfig:
     """What a synthetic example looks like. Angles in degrees, lengths in metres.
 
-    image_size: the square crop (224: the 2D losses' image).
     shape_std: std of the identity coefficients (FLAME's are in units of their std).
     expression_std: std of the first 20 expression coefficients; the rest get half of it.
     neutral_probability: chance of a zero-expression, closed-jaw image.
@@ -72,9 +80,12 @@ class SyntheticConfig:
     skin_brightness: range of the per-subject albedo scale (light to dark skin).
     vertex_noise_std: iid per-vertex albedo noise; blotch_count: max random albedo blotches.
     hair_probability: chance that a subject has hair painted on its scalp.
-    box_scale: crop side / mean side of the 68-landmark box (DECA: 1.1 * 1.25).
-    box_scale_jitter: the side is scaled by U(1 - j, 1 + j) (a detector's box size error).
-    box_shift_jitter: the centre moves by U(-j, j) crop sides in x and y.
+    crop: the run's crop (`recon.image.CropSpec`); images are rendered at crop.size.
+    image_size: the 2D losses' image: the crop resized to this size (0 = crop.size).
+    landmark_noise: a detector's landmark error: std of the Gaussian moving each of the 68
+      points in x and y, as a fraction of the landmark box's mean side (0: exact landmarks).
+    box_scale_jitter: box crops: the detector box's side is scaled by U(1 - j, 1 + j).
+    box_shift_jitter: box crops: its centre moves by U(-j, j) box sides in x and y.
     perspective_probability, camera_distance_m: chance of a pinhole-like distortion of the
       image (camera at U(range) metres); the ground-truth meshes are never distorted.
     lambert_probability: chance of Lambert directional + ambient light instead of SH.
@@ -82,7 +93,8 @@ class SyntheticConfig:
     augment: host-side randomisation (`recon.data.augment.AugmentConfig`).
     """
 
-    image_size: int = 224
+    crop: crop_lib.CropSpec = crop_lib.CropSpec()
+    image_size: int = 0
     shape_std: float = 1.0
     expression_std: float = 0.7
     neutral_probability: float = 0.2
@@ -96,7 +108,7 @@ class SyntheticConfig:
     vertex_noise_std: float = 0.025
     blotch_count: int = 6
     hair_probability: float = 0.75
-    box_scale: float = 1.375
+    landmark_noise: float = 0.0
     box_scale_jitter: float = 0.12
     box_shift_jitter: float = 0.07
     perspective_probability: float = 0.5
@@ -106,8 +118,14 @@ class SyntheticConfig:
     augment: augment.AugmentConfig = augment.AugmentConfig()
 
     @property
+    def loss_size(self) -> int:
+        """The side of the 2D losses' image."""
+        return int(self.image_size or self.crop.size)
+
+    @property
     def raster_settings(self) -> rasterizer.RasterSettings:
-        return rasterizer.RasterSettings(self.image_size, self.image_size)
+        """The renderer draws the crop at its own size."""
+        return rasterizer.RasterSettings(self.crop.size, self.crop.size)
 
 
 @struct.dataclass
@@ -122,7 +140,8 @@ class Scenes:
       light_directions (N, 2, 3) unit vectors toward the lights; light_colours (N, 2, 3);
       specular (N, 3) highlight colour and strength; shininess (N,).
       inverse_distance (N,) 1 / camera distance in 1/m (0: orthographic).
-      box_scale (N,) crop side / landmark-box side; box_shift (N, 2) in crop sides.
+      landmark_noise (N, 68, 2) standard normal draws of the detector's landmark error;
+      box_jitter (N, 3) U(-1, 1) draws of its box error (scale, shift x, shift y).
     """
 
     shape: Array
@@ -143,19 +162,19 @@ class Scenes:
     specular: Array
     shininess: Array
     inverse_distance: Array
-    box_scale: Array
-    box_shift: Array
+    landmark_noise: Array
+    box_jitter: Array
 
 
 @struct.dataclass
 class RenderedScenes:
-    """Device output for N images of H x W pixels.
+    """Device output for N crops of S x S pixels (S = the crop's size).
 
-      foreground (N, H, W, 3) shaded face (valid where alpha > 0, not clipped);
-      alpha (N, H, W) soft coverage; face_region (N, H, W) float 0/1, pixels whose visible
-XX
-      landmarks_3d (N, 68, 3) metres, posed and undistorted (FLAME's);
-      posed_vertices and neutral_vertices (N, V, 3) metres (undistorted); camera (N, 3);
+      foreground (N, S, S, 3) shaded face (valid where alpha > 0, not clipped);
+      alpha (N, S, S) soft coverage; face_region (N, S, S) float 0/1, pixels whose visible
+      triangle lies in the face mask and not under hair;
+      landmarks (N, 68, 2) the 68 landmarks in crop pixels (distorted, rolled, projected);
+      neutral_vertices (N, V, 3) metres, the identity's neutral mesh; camera (N, 3);
       overflow (N,) int32 from the rasterizer (0 = complete image).
     """
 
@@ -163,8 +182,6 @@ XX
     alpha: Array
     face_region: Array
     landmarks: Array
-    landmarks_3d: Array
-    posed_vertices: Array
     neutral_vertices: Array
     camera: Array
     overflow: Array
@@ -317,10 +334,8 @@ def sample_scenes(host: HostModel, config: SyntheticConfig, subject_index: int,
             albedo_offset=_albedo_offset(rng, host, config),
             hair_weight=identity["hair"], hair_colour=identity["hair_colour"],
             inverse_distance=np.float32(inverse_distance),
-            box_scale=np.float32(config.box_scale * rng.uniform(1.0 - config.box_scale_jitter,
-                                                                1.0 + config.box_scale_jitter)),
-            box_shift=rng.uniform(-config.box_shift_jitter, config.box_shift_jitter,
-                                  2).astype(np.float32),
+            landmark_noise=rng.normal(0.0, 1.0, (68, 2)).astype(np.float32),
+            box_jitter=rng.uniform(-1.0, 1.0, 3).astype(np.float32),
             **_light(rng, config))
         rows.append(row)
     return Scenes(**{name: np.stack([np.asarray(row[name], np.float32) for row in rows])
@@ -332,22 +347,15 @@ def _unit_light(batch: int, dtype) -> Array:
     return jnp.zeros((batch, 9, 3), dtype).at[:, 0, :].set(1.0 / float(shading.SH_CONSTANTS[0]))
 
 
-@functools.partial(jax.jit, static_argnames="settings")
-def render_scenes(model: flame_jax.FlameModel, scenes: Scenes, *,
-                  settings: rasterizer.RasterSettings) -> RenderedScenes:
-    """FLAME + crop camera + renderer + light for N images in one call (see `Scenes`)."""
+def _posed(model: flame_jax.FlameModel, scenes: Scenes):
+    """(posed FlameOutput, distort) of the scenes: FLAME forward and the pinhole-like
+    distortion about the face centre (x, y scale by d / (d - (z - z_centre)))."""
     batch = scenes.shape.shape[0]
-    dtype = model.v_template.dtype
-    zeros = jnp.zeros((batch, 3), dtype)
+    zeros = jnp.zeros((batch, 3), model.v_template.dtype)
     params = flame_jax.FlameParams(
         shape=scenes.shape, expression=scenes.expression, global_pose=scenes.global_pose,
         neck_pose=zeros, jaw_pose=scenes.jaw_pose, eye_pose=scenes.eye_pose, translation=zeros)
     posed = flame_jax.forward(model, params)
-    neutral = flame_jax.forward(model, params.replace(
-        expression=jnp.zeros_like(scenes.expression), global_pose=zeros, jaw_pose=zeros,
-        eye_pose=jnp.zeros_like(scenes.eye_pose))).vertices
-
-    # Pinhole-like distortion about the face centre: x, y scale by d / (d - (z - z_centre)).
     centre = jnp.mean(posed.landmarks, axis=1, keepdims=True)
 
     def distort(points):
@@ -356,15 +364,86 @@ def render_scenes(model: flame_jax.FlameModel, scenes: Scenes, *,
         return jnp.concatenate([centre[..., :2] + (points[..., :2] - centre[..., :2]) * factor,
                                 points[..., 2:]], -1)
 
-    vertices = distort(posed.vertices)
-    landmarks = distort(posed.landmarks)
+    return posed, params, distort
 
-    # Face-detector-like crop: the landmark box, scaled and shifted, fills the image.
-    low = jnp.min(landmarks[..., :2], axis=1)
-    high = jnp.max(landmarks[..., :2], axis=1)
-    side = jnp.mean(high - low, axis=-1) * scenes.box_scale
-    box_centre = (low + high) / 2 + scenes.box_shift * side[:, None]
-    camera = jnp.concatenate([(2.0 / side)[:, None], -box_centre], axis=-1)
+
+@jax.jit
+def scene_landmarks(model: flame_jax.FlameModel, scenes: Scenes) -> Array:
+    """(N, 68, 3) metres: the landmarks the camera sees (posed, distorted; model frame)."""
+    posed, _, distort = _posed(model, scenes)
+    return distort(posed.landmarks)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropGeometry:
+    """The detector's view of N images and the crops it gives (host numpy).
+
+      detected (N, 68, 2): the landmarks a detector reports, in the reference photo frame
+        (`recon.image.crop.reference_points`); box (N, 4): the detector-like box;
+      matrix (N, 2, 3): reference frame -> crop pixels (`recon.image.crop_matrix`);
+      roll (N,) radians and camera (N, 3): how the renderer draws that crop directly.
+    """
+
+    detected: np.ndarray
+    box: np.ndarray
+    matrix: np.ndarray
+    roll: np.ndarray
+    camera: np.ndarray
+
+
+def crop_geometry(landmarks_3d: np.ndarray, scenes: Scenes, config: SyntheticConfig
+                  ) -> CropGeometry:
+    """The crop of each image, made from what a detector would report (see the module
+    docstring): the landmarks plus `config.landmark_noise`, the box around them (plus the box
+    jitter for box crops), then `recon.image.crop_matrix` as for a photo."""
+    detected, boxes, matrices, rolls, cameras = [], [], [], [], []
+    spec = config.crop
+    for index in range(len(landmarks_3d)):
+        points = crop_lib.reference_points(landmarks_3d[index])
+        side = float(np.mean(points.max(0) - points.min(0)))
+        points = points + config.landmark_noise * side * np.asarray(
+            scenes.landmark_noise[index], np.float64)
+        box = crop_lib.box_from_landmarks(points)
+        if spec.anchor == "box":
+            jitter = np.asarray(scenes.box_jitter[index], np.float64)
+            centre = (box[:2] + box[2:]) / 2.0 + config.box_shift_jitter * jitter[1:] * (
+                box[2:] - box[:2])
+            half = (box[2:] - box[:2]) / 2.0 * (1.0 + config.box_scale_jitter * jitter[0])
+            box = np.concatenate([centre - half, centre + half])
+        matrix = crop_lib.crop_matrix(spec, box=box, landmarks=points)
+        roll, camera = crop_lib.crop_camera(matrix, spec.size)
+        detected.append(points)
+        boxes.append(box)
+        matrices.append(matrix)
+        rolls.append(roll)
+        cameras.append(camera)
+    return CropGeometry(detected=np.asarray(detected), box=np.asarray(boxes),
+                        matrix=np.asarray(matrices), roll=np.asarray(rolls, np.float32),
+                        camera=np.asarray(cameras, np.float32))
+
+
+def _roll(points: Array, roll: Array) -> Array:
+    """(N, P, 3) points rotated by roll (N,) about the model z axis (counter-clockwise seen
+    from the camera)."""
+    cos, sin = jnp.cos(roll)[:, None], jnp.sin(roll)[:, None]
+    x, y = points[..., 0], points[..., 1]
+    return jnp.stack([cos * x - sin * y, sin * x + cos * y, points[..., 2]], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="settings")
+def render_scenes(model: flame_jax.FlameModel, scenes: Scenes, rolls: Array, cameras: Array, *,
+                  settings: rasterizer.RasterSettings) -> RenderedScenes:
+    """FLAME + crop roll and camera (`crop_geometry`) + renderer + light for N images."""
+    batch = scenes.shape.shape[0]
+    dtype = model.v_template.dtype
+    posed, params, distort = _posed(model, scenes)
+    neutral = flame_jax.forward(model, params.replace(
+        expression=jnp.zeros_like(scenes.expression), global_pose=jnp.zeros_like(
+            scenes.global_pose), jaw_pose=jnp.zeros_like(scenes.jaw_pose),
+        eye_pose=jnp.zeros_like(scenes.eye_pose))).vertices
+    vertices = _roll(distort(posed.vertices), rolls)
+    landmarks = _roll(distort(posed.landmarks), rolls)
+    camera = cameras.astype(dtype)
 
     albedo = shading.albedo_from_texture(model.albedo_mean, model.albedo_basis, scenes.texture)
     albedo = albedo * scenes.albedo_gain[:, None, :] + scenes.albedo_offset
@@ -400,14 +479,13 @@ def render_scenes(model: flame_jax.FlameModel, scenes: Scenes, *,
     pixels = camera_lib.project_to_pixels(landmarks, camera, (settings.height, settings.width))
     return RenderedScenes(foreground=foreground, alpha=out.alpha,
                           face_region=face_region.astype(dtype), landmarks=pixels[..., :2],
-                          landmarks_3d=posed.landmarks, posed_vertices=posed.vertices,
                           neutral_vertices=neutral, camera=camera, overflow=out.overflow)
 
 
 @dataclasses.dataclass(frozen=True)
 class Composition:
-    """Host-side layers of one image, for tests and figures: background (H, W, 3),
-    occluder_alpha (H, W) in [0, 1], face_box (4,) [left, top, right, bottom] pixels."""
+    """Host-side layers of one crop, for tests and figures: background (S, S, 3),
+    occluder_alpha (S, S) in [0, 1], face_box (4,) [left, top, right, bottom] crop pixels."""
 
     background: np.ndarray
     occluder_alpha: np.ndarray
@@ -417,13 +495,15 @@ class Composition:
 def compose_example(rendered: Dict[str, np.ndarray], config: SyntheticConfig, *, seed: int,
                     subject_index: int, image_index: int) -> Tuple[Dict[str, np.ndarray],
                                                                    Composition]:
-    """One rendered image (numpy, no batch axis) -> (example dict, its composition layers).
+    """One rendered crop (numpy, no batch axis) -> (example dict, its composition layers).
 
-    The example has the `recon.types.Batch` fields without the batch axis; the skin mask is
-    the face region times (occluder alpha == 0), so no occluder pixel is ever skin.
+    The example holds `crops` (S, S, 3) float32 in [0, 1] (the crop at its own size, from which
+    the backbone input is made) and, at the losses' size L, `images`, `landmarks`,
+    `landmark_weights`, `skin_masks`, plus `vertices`, `has_3d`, `subject_ids`. The skin mask
+    is the face region times (occluder alpha == 0), so no occluder pixel is ever skin.
     """
     rng = _rng(seed, subject_index, _COMPOSE_STREAM, image_index)
-    size = (config.image_size, config.image_size)
+    size = (config.crop.size, config.crop.size)
     landmarks = np.asarray(rendered["landmarks"], np.float32)
     face_box = np.concatenate([landmarks.min(0), landmarks.max(0)]).astype(np.float32)
     back = augment.background(rng, size, config.augment)
@@ -432,56 +512,82 @@ def compose_example(rendered: Dict[str, np.ndarray], config: SyntheticConfig, *,
         1 - alpha) * back
     occluder_colour, occluder_alpha = augment.occluders(rng, size, face_box, config.augment)
     image = occluder_alpha[..., None] * occluder_colour + (1 - occluder_alpha[..., None]) * image
-    image = augment.degrade(rng, image.astype(np.float32), config.augment)
+    image = np.clip(augment.degrade(rng, image.astype(np.float32), config.augment), 0.0, 1.0)
     skin = np.asarray(rendered["face_region"], np.float32) * (occluder_alpha == 0)
-    inside = np.all((landmarks >= 0) & (landmarks < np.asarray(size[::-1], np.float32)), -1)
+    loss_size = config.loss_size
+    ratio = loss_size / config.crop.size
+    if loss_size != config.crop.size:
+        images = preprocess.resize(image[None], loss_size)[0]
+        skin_masks = preprocess.resize(skin[None, ..., None], loss_size)[0, ..., 0]
+    else:
+        images, skin_masks = image, skin
+    landmarks_loss = landmarks * np.float32(ratio)
+    inside = np.all((landmarks_loss >= 0) & (landmarks_loss < loss_size), -1)
     example = dict(
-        images=image,
-        backbone_images=backbone_input_from_crop(image, max_value=1.0),
-        landmarks=landmarks,
+        crops=image.astype(np.float32),
+        images=np.clip(images, 0.0, 1.0).astype(np.float32),
+        landmarks=landmarks_loss.astype(np.float32),
         landmark_weights=inside.astype(np.float32),
-        skin_masks=skin.astype(np.float32),
+        skin_masks=np.clip(skin_masks, 0.0, 1.0).astype(np.float32),
         vertices=np.asarray(rendered["neutral_vertices"], np.float32),
-        posed_vertices=np.asarray(rendered["posed_vertices"], np.float32),
         has_3d=np.float32(1.0),
         subject_ids=np.int32(subject_index))
     return example, Composition(background=back, occluder_alpha=occluder_alpha,
                                 face_box=face_box)
 
 
-def render_subject(model: flame_jax.FlameModel, config: SyntheticConfig, subject_index: int,
-                   image_indices: Sequence[int], seed: int,
-                   host: Optional[HostModel] = None) -> Dict[str, np.ndarray]:
-    """The device stage for K images of one subject: numpy dict of `RenderedScenes` fields
-    with a leading (K,) axis. Raises if the rasterizer's static capacities overflowed."""
-    host = host or HostModel.from_model(model)
-    scenes = sample_scenes(host, config, subject_index, image_indices, seed)
-    out = render_scenes(model, jax.tree.map(jnp.asarray, scenes),
-                        settings=config.raster_settings)
+def render_batch(model: flame_jax.FlameModel, config: SyntheticConfig,
+                 scenes: Scenes) -> Tuple[Dict[str, np.ndarray], CropGeometry]:
+    """The device stages for the images of `scenes`: (numpy dict of `RenderedScenes` fields
+    with a leading (N,) axis, their `CropGeometry`). Raises if the rasterizer overflowed."""
+    device_scenes = jax.tree.map(jnp.asarray, scenes)
+    landmarks_3d = np.asarray(scene_landmarks(model, device_scenes), np.float64)
+    geometry = crop_geometry(landmarks_3d, scenes, config)
+    out = render_scenes(model, device_scenes, jnp.asarray(geometry.roll),
+                        jnp.asarray(geometry.camera), settings=config.raster_settings)
     out = {field.name: np.asarray(getattr(out, field.name)) for field in dataclasses.fields(out)}
     if np.any(out["overflow"] > 0):
-        raise RuntimeError(f"synthetic subject {subject_index}: rasterizer capacity overflow "
+        raise RuntimeError(f"synthetic images: rasterizer capacity overflow "
                            f"{out['overflow'].tolist()} (raise RasterSettings capacities)")
-    return out
+    return out, geometry
+
+
+def _stack(examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    return {name: np.stack([example[name] for example in examples]) for name in examples[0]}
+
+
+def make_subjects(model: flame_jax.FlameModel, config: SyntheticConfig,
+                  subject_indices: Sequence[int], image_indices: Sequence[int], seed: int,
+                  host: Optional[HostModel] = None) -> list:
+    """[one dict per subject with a leading (K,) axis] for several subjects, rendered in one
+    device call (faster than one call per subject; each image stays fixed by its indices)."""
+    host = host or HostModel.from_model(model)
+    per_subject = [sample_scenes(host, config, subject, image_indices, seed)
+                   for subject in subject_indices]
+    scenes = jax.tree.map(lambda *rows: np.concatenate(rows), *per_subject)
+    rendered, _ = render_batch(model, config, scenes)
+    k = len(image_indices)
+    subjects = []
+    for s, subject in enumerate(subject_indices):
+        examples = []
+        for j, image_index in enumerate(image_indices):
+            row = {name: value[s * k + j] for name, value in rendered.items()}
+            examples.append(compose_example(row, config, seed=seed, subject_index=subject,
+                                            image_index=image_index)[0])
+        subjects.append(_stack(examples))
+    return subjects
 
 
 def make_subject(model: flame_jax.FlameModel, config: SyntheticConfig, subject_index: int,
                  image_indices: Sequence[int], seed: int,
                  host: Optional[HostModel] = None) -> Dict[str, np.ndarray]:
-    """K examples of one subject rendered in one call: dict of `Batch` fields, leading (K,)."""
-    rendered = render_subject(model, config, subject_index, image_indices, seed, host)
-    examples = []
-    for k, image_index in enumerate(image_indices):
-        example, _ = compose_example({name: value[k] for name, value in rendered.items()},
-                                     config, seed=seed, subject_index=subject_index,
-                                     image_index=image_index)
-        examples.append(example)
-    return {name: np.stack([example[name] for example in examples]) for name in examples[0]}
+    """K examples of one subject rendered in one call: dict of fields with a leading (K,)."""
+    return make_subjects(model, config, [subject_index], image_indices, seed, host)[0]
 
 
 def make_example(model: flame_jax.FlameModel, config: SyntheticConfig, subject_index: int,
                  image_index: int, seed: int) -> Dict[str, np.ndarray]:
-    """One synthetic example (numpy, no batch axis) with the fields of `recon.types.Batch`.
+    """One synthetic example (numpy, no batch axis; fields of `compose_example`).
 
     Each image depends only on (seed, subject_index, image_index): it equals the matching row
     of `make_subject` bit for bit when rendered in a batch of the same size, and to float
@@ -523,16 +629,20 @@ class PicklableModel:
 
 class SyntheticSource:
     """A grain random-access source: record i = subject `subjects[i]` with its K images
-    (`make_subject`, one render call for the K images). Picklable for grain's worker processes
-    (see `PicklableModel`)."""
+    (`make_subject`, one render call for the K images), with `backbone_inputs` made from the
+    crops (`recon.image.backbone_input` of `backbone_kind`). Picklable for grain's worker
+    processes (see `PicklableModel`)."""
 
     def __init__(self, model: flame_jax.FlameModel, config: SyntheticConfig = SyntheticConfig(),
-                 *, subjects: range = TRAIN_SUBJECTS, images_per_subject: int = 2, seed: int = 0):
+                 *, backbone_kind: str = "arcface", subjects: range = TRAIN_SUBJECTS,
+                 images_per_subject: int = 2, seed: int = 0):
         if images_per_subject < 1:
             raise ValueError(f"images_per_subject must be >= 1, got {images_per_subject}")
         if len(subjects) == 0:
             raise ValueError("subjects is empty")
+        preprocess.BACKBONE_INPUT_SIZE[backbone_kind]  # noqa: B018 - a KeyError names the kind
         self.config = config
+        self.backbone_kind = backbone_kind
         self.subjects = subjects
         self.images_per_subject = int(images_per_subject)
         self.seed = int(seed)
@@ -543,10 +653,13 @@ class SyntheticSource:
         return len(self.subjects)
 
     def __getitem__(self, record_key: int) -> Dict[str, np.ndarray]:
-        return make_subject(self._model.get(), self.config, self.subjects[int(record_key)],
-                            range(self.images_per_subject), self.seed, self._host)
+        record = make_subject(self._model.get(), self.config, self.subjects[int(record_key)],
+                              range(self.images_per_subject), self.seed, self._host)
+        record["backbone_inputs"] = preprocess.backbone_input(record.pop("crops"),
+                                                              self.backbone_kind)
+        return record
 
     def __repr__(self) -> str:
         return (f"SyntheticSource(subjects={self.subjects}, images_per_subject="
-                f"{self.images_per_subject}, seed={self.seed}, image_size="
-                f"{self.config.image_size})")
+                f"{self.images_per_subject}, seed={self.seed}, crop={self.config.crop}, "
+                f"image_size={self.config.loss_size}, backbone={self.backbone_kind})")

@@ -6,23 +6,25 @@
     now.write_outputs("out/", [results])     # results.json, cumulative_error.png
     print(now.format_table([results]))
 
-No JAX is imported by the scorer (worker processes stay light); `recon.now.synthetic` and the
-checkpoint predictor import it when used.
+The scorer computes with numpy, scipy and libigl only (JAX is imported with `flame_jax`'s file
+helpers but never runs there); `recon.now.predict` (a checkpoint's predictions through
+`recon.inference` and `recon.image`) and `recon.now.synthetic` are imported when used.
 """
 
 from recon.now.distance import MeshDistance, point_mesh_distance, point_triangle_distance_reference
-from recon.now.io import (CHALLENGES, ImageEntry, NowFileError, NowMissingError, read_face_box,
-                          read_image_list, read_mesh, read_pp, read_prediction_landmarks,
-                          write_face_box, write_pp, write_prediction)
-from recon.now.protocol import (FLAME_STATIC_INDICES, LANDMARK_NAMES, RefineOptions, crop_mask,
-                                score_prediction, similarity_procrustes)
+from recon.now.io import (CHALLENGES, ImageEntry, NowFileError, NowMissingError, face_box_array,
+                          read_face_box, read_image_list, read_mesh, read_pp,
+                          read_prediction_landmarks, write_face_box, write_mesh, write_pp,
+                          write_prediction)
+from recon.now.protocol import (LANDMARK_NAMES, RefineOptions, crop_mask, score_prediction,
+                                similarity_procrustes)
 from recon.now.scoring import (MethodResults, ScoreOptions, evaluate_predictions, format_table,
                                make_pool, results_dict, summary, write_outputs)
 
 __all__ = ["MeshDistance", "point_mesh_distance", "point_triangle_distance_reference",
-           "CHALLENGES", "ImageEntry", "NowFileError", "NowMissingError", "read_face_box",
-           "read_image_list", "read_mesh", "read_pp", "read_prediction_landmarks",
-           "write_face_box", "write_pp", "write_prediction", "FLAME_STATIC_INDICES",
-           "LANDMARK_NAMES", "RefineOptions", "crop_mask", "score_prediction",
+           "CHALLENGES", "ImageEntry", "NowFileError", "NowMissingError", "face_box_array",
+           "read_face_box", "read_image_list", "read_mesh", "read_pp",
+           "read_prediction_landmarks", "write_face_box", "write_mesh", "write_pp",
+           "write_prediction", "LANDMARK_NAMES", "RefineOptions", "crop_mask", "score_prediction",
            "similarity_procrustes", "MethodResults", "ScoreOptions", "evaluate_predictions",
            "format_table", "make_pool", "results_dict", "summary", "write_outputs"]

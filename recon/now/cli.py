@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import sys
 from typing import Callable, Optional
@@ -32,11 +33,11 @@ class EvalRequest:
     progress: bool = True
 
 
-def _labels(request: EvalRequest, folders: list) -> list:
-    if request.labels and len(request.labels) != len(folders):
-        raise ValueError(f"got {len(request.labels)} --label for {len(folders)} prediction "
+def _labels(labels: tuple, folders: list) -> list:
+    if labels and len(labels) != len(folders):
+        raise ValueError(f"got {len(labels)} --label for {len(folders)} prediction "
                          f"folders; give one label per folder or none")
-    labels = list(request.labels) or [pathlib.Path(f).name or str(f) for f in folders]
+    labels = list(labels) or [pathlib.Path(f).name or str(f) for f in folders]
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels must be distinct, got {labels}")
     return labels
@@ -54,48 +55,85 @@ def resolve_root(request: EvalRequest) -> pathlib.Path:
     return synthetic.ensure_synthetic_split(config, progress=request.progress)
 
 
+MEAN_FACE_LABEL = "mean face"
+MEAN_FACE_DIR = "predictions_mean_face"
+
+
+def _predict(request: EvalRequest, root: pathlib.Path, output: pathlib.Path,
+             predictor_factory: Optional[Callable], out) -> Optional[dict]:
+    """Predict the split with a checkpoint (and, for scored splits, write the mean face).
+
+    Returns {"folder", "label", "mean_face_folder" (or None), "crop_fallbacks"}, or None after
+    printing why no predictor could be used.
+    """
+    from recon import inference
+    from recon.image import detect
+    from recon.now import predict as predict_lib
+
+    checkpoint = request.checkpoint or "runs/default"
+    factory = predictor_factory or inference.load_predictor
+    try:
+        predictor = factory(checkpoint)
+    except (ValueError, OSError) as exc:  # PredictorLoadError, missing FLAME files, ...
+        print(f"error: cannot load a predictor from {checkpoint}: {exc}", file=sys.stderr)
+        return None
+    entries = now_io.read_image_list(now_io.image_list_path(root, request.split))
+    folder = output / "predictions"
+    try:
+        report = predict_lib.predict_split(root, entries, predictor, folder,
+                                           progress=request.progress)
+    except detect.PhotoExtraMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    out(f"wrote {len(report.written)} predictions to {folder} (crop: {predictor.crop})")
+    if report.crop_fallbacks:
+        out(f"{len(report.crop_fallbacks)} images without a detected face were cropped from "
+            f"NoW's box through the FLAME template's landmarks: "
+            + ", ".join(report.crop_fallbacks))
+    mean_face_folder = None
+    if request.split != "test":
+        mean_face_folder = output / MEAN_FACE_DIR
+        predict_lib.write_mean_face(predictor.flame, entries, mean_face_folder)
+    label = pathlib.Path(checkpoint).name or str(checkpoint)
+    return {"folder": folder, "label": label, "mean_face_folder": mean_face_folder,
+            "crop_fallbacks": report.crop_fallbacks}
+
+
 def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
-        faces=None, out=print) -> int:
+        out=print) -> int:
     """Predict (from a checkpoint) and/or score; returns the process exit status.
 
-    predictor_factory(checkpoint) -> predict callable; default
-    `recon.trainer.load_predictor`. faces: (F, 3) triangles of the predicted meshes (default
-    the FLAME topology of `flame_jax.synthetic()`).
+    predictor_factory(checkpoint) -> `recon.inference.Predictor`; default
+    `recon.inference.load_predictor`. With a checkpoint, the mean face (the model's FLAME
+    template) is scored on the same images: results.json "mean_face" and the table's
+    "mean face" rows; images cropped without detected landmarks are listed in
+    results.json "crop_fallbacks".
     """
     if request.unit not in ("mm", "cm", "m"):
         raise ValueError(f"--unit must be mm, cm or m, got {request.unit!r}")
-    root = resolve_root(request)
     output = pathlib.Path(request.output)
     folders = [pathlib.Path(p) for p in request.predictions]
-    if not folders:
-        from recon.now import predict as predict_lib
-
-        checkpoint = request.checkpoint or "runs/default"
-        factory = predictor_factory or predict_lib.load_checkpoint_predictor
-        try:
-            predict = factory(checkpoint)
-        except (RuntimeError, FileNotFoundError) as exc:
-            print(f"error: cannot load a predictor from {checkpoint}: {exc}", file=sys.stderr)
-            return EXIT_ERROR
-        faces = getattr(predict, "faces", None) if faces is None else faces
-        if faces is None:
-            import flame_jax
-            import numpy as np
-
-            faces = np.asarray(flame_jax.synthetic().faces)
-        entries = now_io.read_image_list(now_io.image_list_path(root, request.split))
-        folder = output / "predictions"
-        predict_lib.predict_split(root, entries, predict, faces, folder,
-                                  progress=request.progress)
-        out(f"wrote {len(entries)} predictions to {folder}")
-        folders = [folder]
+    predicted = None
+    try:
+        root = resolve_root(request)
+        if not folders:
+            predicted = _predict(request, root, output, predictor_factory, out)
+            if predicted is None:
+                return EXIT_ERROR
+            folders = [predicted["folder"]]
+    except now_io.NowFileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     if request.split == "test":
+        if predicted is not None and predicted["crop_fallbacks"]:
+            now_io.write_file(output / "crop_fallbacks.json",
+                              json.dumps(predicted["crop_fallbacks"], indent=1) + "\n")
         out("--now-split test: predictions exported for submission, not scored (the test scans "
             "are held by the NoW maintainers)")
         return 0
-    labels = _labels(request, folders)
+    labels = _labels(request.labels or ((predicted["label"],) if predicted else ()), folders)
     options = scoring.ScoreOptions(metrical=request.metrical, unit=request.unit)
-    methods = []
+    methods, mean_face = [], None
     workers = scoring.default_workers() if request.workers is None else request.workers
     pool = scoring.make_pool(workers) if workers > 1 else None
     try:
@@ -104,6 +142,10 @@ def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
                 root, folder, split=request.split, options=options, label=label,
                 allow_missing=request.allow_missing, workers=workers,
                 progress=request.progress, pool=pool))
+        if predicted is not None:
+            mean_face = scoring.evaluate_predictions(
+                root, predicted["mean_face_folder"], split=request.split, options=options,
+                label=MEAN_FACE_LABEL, workers=workers, progress=request.progress, pool=pool)
     except now_io.NowMissingError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_MISSING
@@ -113,8 +155,10 @@ def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
     finally:
         if pool is not None:
             pool.shutdown()
-    written = scoring.write_outputs(output, methods)
-    out(scoring.format_table(methods))
+    written = scoring.write_outputs(
+        output, methods, mean_face=mean_face,
+        crop_fallbacks=None if predicted is None else predicted["crop_fallbacks"])
+    out(scoring.format_table(methods + ([mean_face] if mean_face is not None else [])))
     for method in methods:
         if method.missing:
             out(f"{method.label}: {len(method.missing)} missing predictions (listed in "

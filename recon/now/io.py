@@ -1,4 +1,4 @@
-"""Readers and writers for the NoW layout (numpy only; no JAX import, so worker processes stay light).
+"""Readers and writers for the NoW layout (numpy, and trimesh for meshes; nothing runs on JAX).
 
 Layout (`<root>` = the NoW download):
   <root>/imagepathsvalidation.txt, <root>/imagepathstest.txt   lines `subject/challenge/image.jpg`
@@ -17,12 +17,12 @@ import dataclasses
 import io as _io
 import os
 import pathlib
-import re
 import xml.etree.ElementTree as ET
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from flame_jax import fileio
 from flame_jax.safe_pickle import load_npy
 
 PathLike = Union[str, os.PathLike]
@@ -33,6 +33,7 @@ RELEASE_DIR = pathlib.Path("NoW_Dataset") / "final_release_version"
 IMAGES_DIR = RELEASE_DIR / "iphone_pictures"
 FACE_BOXES_DIR = RELEASE_DIR / "detected_face"
 FACE_BOX_KEYS = ("left", "right", "top", "bottom")
+CACHE_ENV = "FACERECON_CACHE_DIR"
 
 
 class NowFileError(ValueError):
@@ -94,7 +95,7 @@ def read_image_list(path: PathLike) -> list[ImageEntry]:
 
 
 def write_image_list(path: PathLike, entries: Sequence[ImageEntry]) -> None:
-    _write_text(path, "".join(entry.key + "\n" for entry in entries))
+    write_file(path, "".join(entry.key + "\n" for entry in entries))
 
 
 def image_list_path(root: PathLike, split: str) -> pathlib.Path:
@@ -148,99 +149,43 @@ def write_pp(path: PathLike, landmarks: np.ndarray, *, names: Optional[Sequence[
     lines += [f' <point x="{x:.6f}" y="{y:.6f}" z="{z:.6f}" name="{name}" active="1"/>'
               for (x, y, z), name in zip(landmarks, names)]
     lines.append('</PickedPoints>')
-    _write_text(path, "\n".join(lines) + "\n")
+    write_file(path, "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- scans and meshes
 
-_VERTEX_LINE = re.compile(rb"^v[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)", re.M)
-_TRIANGLE_LINE = re.compile(rb"^f[ \t]+(-?\d+)\S*[ \t]+(-?\d+)\S*[ \t]+(-?\d+)\S*[ \t]*\r?$", re.M)
-_ANY_FACE_LINE = re.compile(rb"^f[ \t]", re.M)
-
-
-def read_obj(path: PathLike, *, need_faces: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """(vertices (V, 3) float64, faces (F, 3) int64 or None) from a Wavefront OBJ.
-
-    `v x y z [r g b]` and `f a[/t[/n]] b c [d ...]` (polygons fanned into triangles, negative
-    indices resolved); texture coordinates, normals and groups are ignored. Files of triangles
-    are parsed with one regular-expression pass (a 100k-vertex scan in ~0.1 s); other files
-    line by line.
-    """
-    path = pathlib.Path(path)
-    raw = _read_bytes(path)
-    rows = _VERTEX_LINE.findall(raw)
-    if not rows:
-        raise NowFileError(f"{path}: OBJ file holds no vertex ('v x y z') line")
-    try:
-        vertices = np.array(rows, dtype=np.float64)
-    except ValueError as exc:
-        raise NowFileError(f"{path}: malformed vertex line ({exc})") from exc
-    if not np.all(np.isfinite(vertices)):
-        raise NowFileError(f"{path}: vertices hold NaN or infinite values")
-    if not need_faces:
-        return vertices, None
-    triangles = _TRIANGLE_LINE.findall(raw)
-    if len(triangles) == len(_ANY_FACE_LINE.findall(raw)) and triangles:
-        corners = np.array(triangles, dtype=np.int64)
-    else:
-        corners = _read_polygons(path, raw)
-    faces = np.where(corners > 0, corners - 1, len(vertices) + corners)
-    if faces.min() < 0 or faces.max() >= len(vertices):
-        raise NowFileError(f"{path}: faces index vertices outside [1, {len(vertices)}]")
-    return vertices, faces
-
-
-def _read_polygons(path: pathlib.Path, raw: bytes) -> np.ndarray:
-    """(F, 3) 1-based (or negative) corner indices of all `f` lines, polygons fanned."""
-    triangles = []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.startswith(b"f ") and not line.startswith(b"f\t"):
-            continue
-        try:
-            corners = [int(token.split(b"/")[0]) for token in line.split()[1:]]
-        except ValueError as exc:
-            raise NowFileError(f"{path}:{number}: malformed face line ({exc})") from exc
-        if len(corners) < 3:
-            raise NowFileError(f"{path}:{number}: a face needs at least 3 vertices")
-        triangles.extend((corners[0], corners[k], corners[k + 1])
-                         for k in range(1, len(corners) - 1))
-    if not triangles:
-        raise NowFileError(f"{path}: OBJ file holds no face ('f a b c') line")
-    return np.asarray(triangles, np.int64)
-
-
-def write_obj(path: PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
-    """Minimal OBJ writer (vertices %.8f: 0.01 um in metres, 1-based faces), atomic."""
-    vertices = np.asarray(vertices, np.float64)
-    faces = np.asarray(faces, np.int64)
-    buffer = _io.StringIO()
-    np.savetxt(buffer, vertices, fmt="v %.8f %.8f %.8f")
-    np.savetxt(buffer, faces + 1, fmt="f %d %d %d")
-    _write_text(path, buffer.getvalue())
+# Meshes go through `flame_jax.fileio` (trimesh). Measured before the hand-written regex OBJ
+# reader was dropped, on a 100k-vertex, 87k-triangle synthetic scan (5.8 MB; written by
+# `synthetic.build_synthetic_split(root, SyntheticNowConfig(num_val_subjects=1,
+# num_test_subjects=0, subdivisions=3, max_scan_vertices=100_000), with_images=False)`) and a
+# 5023-vertex FLAME prediction: best of 5 `time.perf_counter()` calls of `read_obj` from
+# `git show c1bea30:recon/now/io.py` and of `flame_jax.fileio.read_mesh`, 2 shared CPUs:
+#   scan:       own reader (vertices only) 182 ms, trimesh 319 ms (own reader with faces 458 ms)
+#   prediction: own reader 32 ms, trimesh 25 ms;  `protocol.score_prediction`: 860 ms / image
+# (a rerun under heavier load: 269 / 477 / 620 ms and 43 / 34 ms, the same ratios).
+# A worker parses a subject's scan once (`scoring._load_scan`) for ~20 predictions, so trimesh
+# costs ~+7 ms per image on the scan and saves ~7-9 ms on the prediction: not slower for the
+# scorer, and one mesh reader fewer. `python benchmarks/now_scorer.py` prints the scan read time.
 
 
 def read_mesh(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(vertices (V, 3) float64, faces (F, 3) int64) from .obj (own parser) or .ply (trimesh)."""
+    """(vertices (V, 3) float64, faces (F, 3) int64) of a triangle mesh (.obj, .ply, ...), in
+    file order (`flame_jax.fileio.read_mesh`); NowFileError naming the path otherwise."""
     path = pathlib.Path(path)
-    if path.suffix.lower() == ".obj":
-        return read_obj(path)
-    if path.suffix.lower() != ".ply":
-        raise NowFileError(f"{path}: unsupported mesh format {path.suffix!r} (expected .obj or .ply)")
-    import trimesh
-
-    if not path.is_file():
-        raise NowFileError(f"{path}: file not found")
     try:
-        mesh = trimesh.load(path, process=False, maintain_order=True, force="mesh")
-    except Exception as exc:  # trimesh raises many types for corrupt files
-        raise NowFileError(f"{path}: cannot read PLY ({type(exc).__name__}: {exc})") from exc
-    vertices = np.asarray(mesh.vertices, np.float64)
-    faces = np.asarray(mesh.faces, np.int64)
-    if len(vertices) == 0 or faces.ndim != 2 or len(faces) == 0 or faces.shape[1] != 3:
-        raise NowFileError(f"{path}: PLY holds no triangle mesh")
-    if not np.all(np.isfinite(vertices)):
-        raise NowFileError(f"{path}: vertices hold NaN or infinite values")
-    return vertices, faces
+        vertices, faces = fileio.read_mesh(path)
+    except FileNotFoundError as exc:
+        raise NowFileError(f"{path}: file not found") from exc
+    except ValueError as exc:  # FlameFileError names the path and the problem
+        raise NowFileError(str(exc)) from exc
+    return vertices.astype(np.float64), faces.astype(np.int64)
+
+
+def write_mesh(path: PathLike, vertices: np.ndarray, faces: np.ndarray) -> None:
+    """`flame_jax.fileio.write_mesh` (atomic; format by suffix), creating the folder."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.write_mesh(path, np.asarray(vertices, np.float64), np.asarray(faces, np.int64))
 
 
 def find_scan(root: PathLike, subject: str) -> tuple[pathlib.Path, pathlib.Path]:
@@ -288,13 +233,18 @@ def read_face_box(path: PathLike) -> dict:
     return box
 
 
+def face_box_array(box: dict) -> np.ndarray:
+    """(4,) float64 [left, top, right, bottom] (`recon.image.crop`'s [x0, y0, x1, y1]) of a
+    face-box dict."""
+    return np.array([box["left"], box["top"], box["right"], box["bottom"]], np.float64)
+
+
 def write_face_box(path: PathLike, box: dict) -> None:
     """Write a detected_face .npy as the NoW release does: np.save of a dict (pickled)."""
     array = np.empty((), dtype=object)
     array[()] = {key: float(box[key]) for key in FACE_BOX_KEYS}
-    buffer = _io.BytesIO()
-    np.save(buffer, array, allow_pickle=True)  # writing our own dict; reading is restricted
-    _write_bytes(path, buffer.getvalue())
+    # Writing our own dict; reading is restricted.
+    write_file(path, lambda handle: np.save(handle, array, allow_pickle=True))
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -351,10 +301,9 @@ def write_prediction(folder: PathLike, entry: ImageEntry, vertices: np.ndarray, 
     landmarks = np.asarray(landmarks, np.float32)
     if landmarks.shape != (7, 3):
         raise ValueError(f"landmarks must be (7, 3), got {landmarks.shape}")
-    write_obj(folder / entry.relative(".obj"), vertices, faces)
-    buffer = _io.BytesIO()
-    np.save(buffer, landmarks, allow_pickle=False)
-    _write_bytes(folder / entry.relative(".npy"), buffer.getvalue())
+    write_mesh(folder / entry.relative(".obj"), vertices, faces)
+    write_file(folder / entry.relative(".npy"),
+               lambda handle: np.save(handle, landmarks, allow_pickle=False))
 
 
 def missing_predictions(folder: PathLike, entries: Sequence[ImageEntry]) -> dict[str, str]:
@@ -370,6 +319,12 @@ def missing_predictions(folder: PathLike, entries: Sequence[ImageEntry]) -> dict
 
 
 # ----------------------------------------------------------------------------- file helpers
+
+def cache_base() -> pathlib.Path:
+    """$FACERECON_CACHE_DIR, else ~/.cache/facerecon_jax (the built split, detected landmarks)."""
+    base = os.environ.get(CACHE_ENV)
+    return pathlib.Path(base) if base else pathlib.Path.home() / ".cache" / "facerecon_jax"
+
 
 def _read_bytes(path: pathlib.Path) -> bytes:
     try:
@@ -389,21 +344,8 @@ def _read_text(path: pathlib.Path) -> str:
         raise NowFileError(f"{path}: not UTF-8 text ({exc})") from exc
 
 
-def _write_bytes(path: PathLike, data: bytes) -> None:
-    """Atomic write: temporary file in the same folder, fsync, rename."""
+def write_file(path: PathLike, data) -> None:
+    """`flame_jax.fileio.atomic_write` (bytes, str or a writer callable), creating the folder."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def _write_text(path: PathLike, text: str) -> None:
-    _write_bytes(path, text.encode("utf-8"))
+    fileio.atomic_write(path, data)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Mapping
 
@@ -25,7 +24,7 @@ def cumulative_error_plot(path: os.PathLike, distances_by_label: Mapping[str, np
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from recon.now.io import _write_bytes
+    from recon.now.io import write_file
 
     figure, axis = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for label, distances in distances_by_label.items():
@@ -42,8 +41,8 @@ def cumulative_error_plot(path: os.PathLike, distances_by_label: Mapping[str, np
     axis.grid(alpha=0.3)
     axis.set_title(title)
     axis.legend(loc="lower right", fontsize=8)
-    buffer = io.BytesIO()
     figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    _write_bytes(path, buffer.getvalue())
+    try:
+        write_file(path, lambda handle: figure.savefig(handle, format="png"))
+    finally:
+        plt.close(figure)

@@ -1,140 +1,296 @@
-"""Predict NoW meshes from images: DECA/MICA crop from the detected-face box, a `predict`
-callable, and the NoW predictions layout.
+"""Predict NoW meshes with a trained regressor through the image contract (`recon.image`).
 
-    predict_split(root, entries, predict, faces, out_dir)
-      -> <out_dir>/<subject>/<challenge>/<image>.obj (metres) + <image>.npy (7 x 3 metres)
+    predictor = recon.inference.load_predictor("runs/paper")
+    report = predict_split(root, entries, predictor, "preds/")
+      -> preds/<subject>/<challenge>/<image>.obj (neutral mesh, metres) + <image>.npy (7 x 3 m)
+    write_mean_face(predictor.flame, entries, "mean_face/")   # the zero-skill reference
 
-`predict(images (B, 224, 224, 3) float32 in [0, 1]) -> (vertices (B, V, 3), landmarks7 (B, 7, 3))`
-in metres, e.g. the one `recon.trainer.load_predictor(workdir)` returns.
+Each image is read with `recon.image.read_image` and cut with the predictor's own `CropSpec`
+(`recon.image.crop_image`), so a model sees NoW faces as it saw its training faces:
+  box anchor: NoW's detected-face box (`detected_face/.../<image>.npy`), the DECA/MICA crop.
+  landmark anchors ("dlib_five_points", "arcface_five_points"): 68 iBUG landmarks from the photo
+    path's detector (`recon.image.detect.FaceDetector`, MediaPipe: the `photo` extra): its face
+    mesh run on NoW's box (`now_box_landmarks`), else the detected face whose box best overlaps
+    NoW's box (IoU >= `MIN_BOX_IOU`; a face that barely overlaps it is someone else). They are
+    detected once per image and cached under
+    `$FACERECON_CACHE_DIR/now_landmarks/<key>/<subject>/<challenge>/<image>.npy` (key: a hash of
+    the NoW root's absolute path, the image list and the landmark set; an empty array records
+    "no face"), so the NoW root is only read.
+    No face: the landmarks of the predictor's FLAME template (zero code) projected
+    orthographically (`recon.image.crop.reference_points`), moved by the similarity that takes
+    their detector-like box (`box_from_landmarks`) onto NoW's box (scale: ratio of the mean
+    sides, shift: the centres), then the same landmark crop. Such images are listed in
+    `PredictionReport.crop_fallbacks` (eval.py prints them and writes them to results.json).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import pathlib
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from recon.image import crop as crop_lib
+from recon.image import detect
+from recon.image.io import ImageReadError, read_image
 from recon.now import io as now_io
 
-CROP_SCALE = 1.6  # DECA / MICA NoW crop: 1.6 x the mean side of the detected box
-CROP_SIZE = 224
+LANDMARKS_DIR = "now_landmarks"
+# How the cached landmarks were found (part of the cache key: a change re-detects).
+LANDMARK_METHOD = "mesh-on-now-box/1"
+MIN_BOX_IOU = 0.1
 
 
-def crop_square(box: dict, *, scale: float = CROP_SCALE) -> tuple[float, float, float]:
-    """(centre_x, centre_y, side) in pixels of the square crop around a detected-face box.
+@dataclasses.dataclass(frozen=True)
+class CropSource:
+    """What one NoW image's crop is fitted to.
 
-    side = int(scale * ((right - left) + (bottom - top)) / 2) and the centre is the box centre,
-    as DECA's NoW loader does (its `int` truncation included).
+      box: (4,) float64 NoW's detected-face box [left, top, right, bottom], pixels.
+      landmarks: (68, 2) iBUG-68 points in pixels (detected, or the template fallback), None for
+        box-anchored crops.
+      fallback: True when no face was detected and the landmarks are the template's.
     """
-    width, height = box["right"] - box["left"], box["bottom"] - box["top"]
-    centre_x = box["right"] - width / 2.0
-    centre_y = box["bottom"] - height / 2.0
-    side = float(int((width + height) / 2.0 * scale))
-    return centre_x, centre_y, side
+
+    box: np.ndarray
+    landmarks: Optional[np.ndarray] = None
+    fallback: bool = False
 
 
-def crop_image(image: np.ndarray, box: dict, *, size: int = CROP_SIZE,
-               scale: float = CROP_SCALE) -> np.ndarray:
-    """(size, size, 3) float32 crop (bilinear) of an (H, W, 3) image; outside pixels are 0.
+@dataclasses.dataclass(frozen=True)
+class PredictionReport:
+    """written: the keys predicted (`subject/challenge/image`), in order; crop_fallbacks: the
+    keys whose crop came from NoW's box through the template's landmarks (no face detected)."""
 
-    Same mapping as DECA's skimage similarity warp: the square's top-left corner goes to pixel
-    (0, 0) and its far corner to (size - 1, size - 1).
-    """
-    import scipy.ndimage
-
-    image = np.asarray(image, np.float32)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be (H, W, 3), got {image.shape}")
-    centre_x, centre_y, side = crop_square(box, scale=scale)
-    step = side / (size - 1)
-    grid = np.arange(size, dtype=np.float64) * step
-    rows = (centre_y - side / 2.0) + grid
-    cols = (centre_x - side / 2.0) + grid
-    coords = np.stack(np.meshgrid(rows, cols, indexing="ij"))
-    channels = [scipy.ndimage.map_coordinates(image[..., c], coords, order=1, mode="constant",
-                                              cval=0.0) for c in range(3)]
-    return np.stack(channels, axis=-1).astype(np.float32)
+    written: list
+    crop_fallbacks: list
 
 
-def read_image(path: os.PathLike) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1]."""
-    from PIL import Image, UnidentifiedImageError
+# ----------------------------------------------------------------------------- paths and files
 
-    path = pathlib.Path(path)
+def image_path(root: os.PathLike, entry: now_io.ImageEntry) -> pathlib.Path:
+    return pathlib.Path(root) / now_io.IMAGES_DIR / entry.subject / entry.challenge / entry.image
+
+
+def face_box_path(root: os.PathLike, entry: now_io.ImageEntry) -> pathlib.Path:
+    return pathlib.Path(root) / now_io.FACE_BOXES_DIR / entry.relative(".npy")
+
+
+def read_now_image(root: os.PathLike, entry: now_io.ImageEntry) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a NoW image (`recon.image.read_image`); NowFileError if unreadable."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), np.float32) / 255.0
-    except FileNotFoundError as exc:
-        raise now_io.NowFileError(f"{path}: file not found") from exc
-    except (UnidentifiedImageError, OSError) as exc:
-        raise now_io.NowFileError(f"{path}: cannot read the image ({exc})") from exc
+        return read_image(image_path(root, entry))
+    except ImageReadError as exc:
+        raise now_io.NowFileError(str(exc)) from exc
 
 
-def load_crop(root: os.PathLike, entry: now_io.ImageEntry) -> np.ndarray:
-    """(224, 224, 3) network input of one NoW image."""
-    root = pathlib.Path(root)
-    image = read_image(root / now_io.IMAGES_DIR / entry.subject / entry.challenge / entry.image)
-    box = now_io.read_face_box(root / now_io.FACE_BOXES_DIR / entry.relative(".npy"))
-    return crop_image(image, box)
+def landmark_cache_dir(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
+                       base: Optional[os.PathLike] = None) -> pathlib.Path:
+    """`<base>/now_landmarks/<key>`: key = hash of the root's absolute path, the image list and
+    the landmark set (base: $FACERECON_CACHE_DIR, default ~/.cache/facerecon_jax)."""
+    digest = hashlib.sha256(str(pathlib.Path(root).absolute()).encode())
+    digest.update(detect.LANDMARK_SET.encode())
+    digest.update(LANDMARK_METHOD.encode())
+    for entry in entries:
+        digest.update(b"\n" + entry.key.encode())
+    base = pathlib.Path(base) if base is not None else now_io.cache_base()
+    return base / LANDMARKS_DIR / digest.hexdigest()[:16]
 
 
-def predict_split(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
-                  predict: Callable, faces: np.ndarray, out_dir: os.PathLike, *,
-                  batch_size: int = 16, progress: bool = True) -> list[str]:
-    """Crop, predict and write every entry; returns the written keys."""
+def _read_cached_landmarks(path: pathlib.Path) -> Optional[np.ndarray]:
+    """(68, 2) or (0, 2) float32 from the cache, None when absent or unusable (re-detected)."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            points = np.load(handle, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if points.shape not in ((68, 2), (0, 2)) or not np.all(np.isfinite(points)):
+        return None
+    return points.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- crops
+
+def template_points(flame) -> np.ndarray:
+    """(68, 2) the FLAME template's landmarks (zero code) in the reference photo frame
+    (`recon.image.crop.reference_points`: orthographic, 1000 px per metre)."""
+    import flame_jax
+
+    params = flame_jax.FlameParams.zeros(1, flame)
+    landmarks = np.asarray(flame_jax.forward(flame, params).landmarks[0], np.float64)
+    return crop_lib.reference_points(landmarks)
+
+
+def fallback_landmarks(template: np.ndarray, box) -> np.ndarray:
+    """(68, 2) `template` points moved by the similarity taking their `box_from_landmarks` box
+    onto `box` [x0, y0, x1, y1]: scale = ratio of the mean sides, shift = the centres."""
+    box = crop_lib.check_box(box)
+    template = np.asarray(template, np.float64)
+    own = crop_lib.box_from_landmarks(template)
+    scale = ((box[2] - box[0]) + (box[3] - box[1])) / ((own[2] - own[0]) + (own[3] - own[1]))
+    return (template - (own[:2] + own[2:]) / 2.0) * scale + (box[:2] + box[2:]) / 2.0
+
+
+def now_box_landmarks(detector, image: np.ndarray, box) -> Optional[np.ndarray]:
+    """(68, 2) landmarks of the face in NoW's box, or None when no face is found there.
+
+    NoW gives every image its face box, so the face mesh runs on that box first
+    (`FaceDetector.landmarks`): MediaPipe's own face detector misses close, large or occluded
+    faces (on the built-in split it found no face in any selfie and in 59 of 100 occlusion
+    images). Only when the mesh finds nothing there are the detector's faces searched for the
+    one that overlaps the box (`best_face_landmarks`)."""
+    points = detector.landmarks(image, np.asarray(box, np.float64))
+    if points is not None:
+        return np.asarray(points[detect.MEDIAPIPE_TO_IBUG68], np.float32)
+    return best_face_landmarks(detector(image), box)
+
+
+def best_face_landmarks(faces: Sequence[detect.Face], box) -> Optional[np.ndarray]:
+    """(68, 2) landmarks of the face whose box overlaps `box` most (IoU >= MIN_BOX_IOU), or None."""
+    scored = [(detect.box_iou(face.box, box), face) for face in faces]
+    if not scored:
+        return None
+    iou, face = max(scored, key=lambda item: item[0])
+    return np.asarray(face.landmarks_68, np.float32) if iou >= MIN_BOX_IOU else None
+
+
+def crop_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
+                 spec: crop_lib.CropSpec, flame, *, cache_dir: Optional[os.PathLike] = None,
+                 detector_factory: Optional[Callable] = None,
+                 progress: bool = True) -> list[CropSource]:
+    """The `CropSource` of every entry for crops of `spec` (see the module docstring).
+
+    flame: the predictor's FLAME model (its template gives the no-face fallback).
+    cache_dir: the cache base (default $FACERECON_CACHE_DIR or ~/.cache/facerecon_jax).
+    detector_factory: () -> a `FaceDetector`-like context manager (default `FaceDetector`);
+    called only when some image's landmarks are not cached. Raises `PhotoExtraMissing` naming
+    the install command when mediapipe is needed and absent.
+    """
+    boxes = [now_io.face_box_array(now_io.read_face_box(face_box_path(root, entry)))
+             for entry in entries]
+    if not spec.needs_landmarks:
+        return [CropSource(box=box) for box in boxes]
+    folder = landmark_cache_dir(root, entries, cache_dir)
+    points = [_read_cached_landmarks(folder / entry.relative(".npy")) for entry in entries]
+    todo = [index for index, found in enumerate(points) if found is None]
+    if todo:
+        _detect_into_cache(root, entries, boxes, points, todo, folder, spec,
+                           detector_factory or detect.FaceDetector, progress)
+    template = None
+    sources = []
+    for box, found in zip(boxes, points):
+        if len(found):
+            sources.append(CropSource(box=box, landmarks=found.astype(np.float64)))
+            continue
+        template = template_points(flame) if template is None else template
+        sources.append(CropSource(box=box, landmarks=fallback_landmarks(template, box),
+                                  fallback=True))
+    return sources
+
+
+def _detect_into_cache(root, entries, boxes, points, todo, folder, spec, detector_factory,
+                       progress) -> None:
     from tqdm import tqdm
 
-    faces = np.asarray(faces, np.int64)
+    try:
+        detector = detector_factory()
+    except detect.PhotoExtraMissing as exc:
+        raise detect.PhotoExtraMissing(
+            f"this model crops faces by landmarks (crop anchor {spec.anchor!r}), so NoW images "
+            f"need 68 detected landmarks, which come from mediapipe: {detect.PHOTO_EXTRA_HINT} "
+            f"({len(todo)} of {len(entries)} images are not in the landmark cache {folder})"
+        ) from exc
+    with detector, tqdm(total=len(todo), desc="NoW landmarks", unit="image",
+                        disable=not progress) as bar:
+        for index in todo:
+            entry = entries[index]
+            found = now_box_landmarks(detector, read_now_image(root, entry), boxes[index])
+            found = np.zeros((0, 2), np.float32) if found is None else found
+            now_io.write_file(folder / entry.relative(".npy"),
+                              lambda handle, array=found: np.save(handle, array,
+                                                                  allow_pickle=False))
+            points[index] = found
+            bar.update(1)
+
+
+def load_crop(root: os.PathLike, entry: now_io.ImageEntry, spec: crop_lib.CropSpec,
+              source: CropSource) -> crop_lib.Crop:
+    """The `spec` crop of one NoW image (`recon.image.crop_image`)."""
+    return crop_lib.crop_image(read_now_image(root, entry), spec, box=source.box,
+                               landmarks=source.landmarks)
+
+
+# ----------------------------------------------------------------------------- prediction
+
+def predict_split(root: os.PathLike, entries: Sequence[now_io.ImageEntry], predictor,
+                  out_dir: os.PathLike, *, sources: Optional[Sequence[CropSource]] = None,
+                  batch_size: int = 16, progress: bool = True,
+                  cache_dir: Optional[os.PathLike] = None,
+                  detector_factory: Optional[Callable] = None) -> PredictionReport:
+    """Crop, predict and write every entry.
+
+    predictor: a `recon.inference.Predictor` (`.crop`, `.flame`, `predictor(crops) -> Code`,
+    `.mesh(code, neutral=True)`). sources: the entries' `CropSource`s when the caller keeps
+    them (training evaluates the same images at every step); default `crop_sources(...)`.
+    Every batch holds `batch_size` crops (the last one padded), so the predictor compiles once.
+    """
+    from tqdm import tqdm
+
+    entries = list(entries)
+    if sources is None:
+        sources = crop_sources(root, entries, predictor.crop, predictor.flame,
+                               cache_dir=cache_dir, detector_factory=detector_factory,
+                               progress=progress)
+    if len(sources) != len(entries):
+        raise ValueError(f"got {len(sources)} crop sources for {len(entries)} entries")
+    faces = np.asarray(predictor.flame.faces)
+    batch_size = max(1, min(batch_size, len(entries)))
     written = []
     with tqdm(total=len(entries), desc="NoW predict", unit="image", disable=not progress) as bar:
         for start in range(0, len(entries), batch_size):
-            chunk = list(entries[start:start + batch_size])
-            images = np.stack([load_crop(root, entry) for entry in chunk])
-            vertices, landmarks = predict(images)
+            chunk = entries[start:start + batch_size]
+            crops = np.stack([load_crop(root, entry, predictor.crop, source).image
+                              for entry, source in zip(chunk, sources[start:start + batch_size])])
+            if len(crops) < batch_size:
+                padding = np.zeros((batch_size - len(crops),) + crops.shape[1:], crops.dtype)
+                crops = np.concatenate([crops, padding])
+            vertices, landmarks = predictor.mesh(predictor(crops), neutral=True)
             vertices, landmarks = np.asarray(vertices), np.asarray(landmarks)
-            if vertices.shape[:1] != (len(chunk),) or vertices.shape[2:] != (3,):
-                raise ValueError(f"predict returned vertices of shape {vertices.shape} for "
-                                 f"{len(chunk)} images (expected (B, V, 3))")
-            if landmarks.shape != (len(chunk), 7, 3):
-                raise ValueError(f"predict returned landmarks of shape {landmarks.shape} "
-                                 f"(expected ({len(chunk)}, 7, 3))")
             for entry, mesh, points in zip(chunk, vertices, landmarks):
                 now_io.write_prediction(out_dir, entry, mesh, faces, points)
                 written.append(entry.key)
             bar.update(len(chunk))
-    return written
+    fallbacks = [entry.key for entry, source in zip(entries, sources) if source.fallback]
+    return PredictionReport(written=written, crop_fallbacks=fallbacks)
 
 
-class MeshPredictor:
-    """images (B, 224, 224, 3) -> (neutral vertices (B, V, 3) m, landmarks7 (B, 7, 3) m).
+def mean_face(flame) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices (V, 3), landmarks7 (7, 3)) metres of the FLAME template: `code_to_mesh` of a
+    zero code (zero shape, expression and pose)."""
+    import jax.numpy as jnp
 
-    Wraps `recon.trainer.Predictor` (images -> Code, `.mesh(code, neutral=True)`): NoW scores
-    the identity, so the mesh has zero expression and pose (as DECA's and MICA's NoW exports).
-    `faces` is the trained FLAME model's triangles.
-    """
+    from recon.inference import code_to_mesh
+    from recon.types import CODE_SIZE, split_code
 
-    def __init__(self, predictor):
-        self.predictor = predictor
-        self.faces = np.asarray(predictor.flame.faces)
-
-    def __call__(self, images):
-        vertices, landmarks = self.predictor.mesh(self.predictor(images), neutral=True)
-        return np.asarray(vertices), np.asarray(landmarks)
+    vertices, landmarks = code_to_mesh(flame, split_code(jnp.zeros((1, CODE_SIZE), jnp.float32)))
+    return np.asarray(vertices[0], np.float64), np.asarray(landmarks[0], np.float64)
 
 
-def load_checkpoint_predictor(workdir: os.PathLike) -> Callable:
-    """`recon.trainer.load_predictor(workdir)` as a `MeshPredictor`, imported lazily with a
-    clear error if this checkout lacks it."""
-    try:
-        from recon.trainer import load_predictor
-    except ImportError as exc:
-        raise RuntimeError(
-            "predicting from a checkpoint needs recon.trainer.load_predictor(workdir), which "
-            f"this checkout does not provide ({exc}); score an existing folder with "
-            "--predictions instead") from exc
-    predictor = load_predictor(workdir)
-    if hasattr(predictor, "mesh") and hasattr(predictor, "flame"):
-        return MeshPredictor(predictor)
-    return predictor  # already images -> (vertices, landmarks7)
+def write_mean_face(flame, entries: Sequence[now_io.ImageEntry], out_dir: os.PathLike) -> None:
+    """The template mesh (`mean_face`) as the prediction of every entry: the zero-skill score a
+    model must beat. The files are encoded once and copied."""
+    entries = list(entries)
+    if not entries:
+        return
+    vertices, landmarks = mean_face(flame)
+    out_dir = pathlib.Path(out_dir)
+    now_io.write_prediction(out_dir, entries[0], vertices, np.asarray(flame.faces), landmarks)
+    mesh = (out_dir / entries[0].relative(".obj")).read_bytes()
+    points = (out_dir / entries[0].relative(".npy")).read_bytes()
+    for entry in entries[1:]:
+        now_io.write_file(out_dir / entry.relative(".obj"), mesh)
+        now_io.write_file(out_dir / entry.relative(".npy"), points)

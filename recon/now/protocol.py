@@ -38,9 +38,7 @@ from recon.now.distance import MeshDistance
 
 LANDMARK_NAMES = ("right_eye_outer", "right_eye_inner", "left_eye_inner", "left_eye_outer",
                   "nose_bottom", "right_mouth_corner", "left_mouth_corner")
-# The same 7 points on FLAME: indices into the 51 static landmarks (iBUG-68 36, 39, 42, 45, 33,
-# 48, 54 minus 17).
-FLAME_STATIC_INDICES = (19, 22, 25, 28, 16, 31, 37)
+# The same 7 points on FLAME's 68 landmarks: `recon.types.NOW_LANDMARKS_68`.
 UNIT_TO_MM = {"mm": 1.0, "cm": 10.0, "m": 1000.0}
 SCALE_PENALTY_WEIGHT = 100.0
 
@@ -104,8 +102,12 @@ def similarity_procrustes(target: np.ndarray, source: np.ndarray, *,
     """Least-squares similarity mapping `source` (N, 3) onto `target` (N, 3), reflection allowed.
 
     Returns T with T.apply(source) ~ target (the MATLAB `procrustes(X=target, Y=source)` with
-    reflection 'best', the variant the official tool calls).
+    reflection 'best', the variant the official tool calls): the rotation is scipy's
+    orthogonal Procrustes solution (any orthogonal matrix) of the normalised point sets, the
+    scale its singular-value sum times the norms' ratio.
     """
+    import scipy.linalg
+
     target = np.asarray(target, np.float64)
     source = np.asarray(source, np.float64)
     mean_t, mean_s = target.mean(0), source.mean(0)
@@ -113,9 +115,9 @@ def similarity_procrustes(target: np.ndarray, source: np.ndarray, *,
     norm_t, norm_s = np.linalg.norm(centred_t), np.linalg.norm(centred_s)
     if norm_t == 0 or norm_s == 0:
         raise ValueError("landmarks are all identical; no alignment is defined")
-    u, singular, vt = np.linalg.svd((centred_t / norm_t).T @ (centred_s / norm_s))
-    rotation = vt.T @ u.T
-    scale = float(singular.sum() * norm_t / norm_s) if scaling else 1.0
+    rotation, singular_sum = scipy.linalg.orthogonal_procrustes(centred_s / norm_s,
+                                                                centred_t / norm_t)
+    scale = float(singular_sum * norm_t / norm_s) if scaling else 1.0
     return Similarity(scale, rotation, mean_t - scale * mean_s @ rotation)
 
 

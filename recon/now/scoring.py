@@ -61,7 +61,7 @@ class MethodResults:
 
 @functools.lru_cache(maxsize=3)
 def _load_scan(scan_path: str, pp_path: str) -> tuple[np.ndarray, np.ndarray]:
-    vertices, _ = now_io.read_obj(scan_path, need_faces=False)
+    vertices, _ = now_io.read_mesh(scan_path)
     return vertices, now_io.read_pp(pp_path)
 
 
@@ -239,11 +239,23 @@ def protocol_description(results: MethodResults) -> dict:
     }
 
 
-def results_dict(results: MethodResults) -> dict:
-    """The fixed results.json structure."""
-    return {
+def challenge_summaries(results: MethodResults) -> dict:
+    """{challenge: {median_mm, mean_mm, std_mm}} for every NoW challenge."""
+    return {c: summary(results.all_distances(c)) for c in now_io.CHALLENGES}
+
+
+def results_dict(results: MethodResults, *, mean_face: Optional[MethodResults] = None,
+                 crop_fallbacks: Optional[Sequence[str]] = None) -> dict:
+    """The fixed results.json structure.
+
+    mean_face: the FLAME template scored on the same images (eval.py with a checkpoint):
+    adds "mean_face": {median_mm, mean_mm, std_mm, per_challenge}. crop_fallbacks: the images
+    cropped from NoW's box without detected landmarks (`recon.now.predict`): adds
+    "crop_fallbacks" (sorted keys).
+    """
+    out = {
         "all": summary(results.all_distances()),
-        "per_challenge": {c: summary(results.all_distances(c)) for c in now_io.CHALLENGES},
+        "per_challenge": challenge_summaries(results),
         "per_image": {key: {"median_mm": float(np.median(d)), "mean_mm": float(np.mean(d)),
                             "n_points": int(len(d))}
                       for key, d in sorted(results.per_image.items())},
@@ -251,6 +263,12 @@ def results_dict(results: MethodResults) -> dict:
         "metrical": bool(results.options.metrical),
         "protocol": protocol_description(results),
     }
+    if mean_face is not None:
+        out["mean_face"] = {**summary(mean_face.all_distances()),
+                            "per_challenge": challenge_summaries(mean_face)}
+    if crop_fallbacks is not None:
+        out["crop_fallbacks"] = sorted(crop_fallbacks)
+    return out
 
 
 def format_table(methods: Sequence[MethodResults]) -> str:
@@ -269,22 +287,29 @@ def format_table(methods: Sequence[MethodResults]) -> str:
     return "\n".join(rows)
 
 
-def write_outputs(output_dir: os.PathLike, methods: Sequence[MethodResults]) -> list[pathlib.Path]:
-    """DIR/results.json (first method), DIR/<label>/results.json for each method when there are
-    several, and DIR/cumulative_error.png with every method. Returns the written paths."""
+def write_outputs(output_dir: os.PathLike, methods: Sequence[MethodResults], *,
+                  mean_face: Optional[MethodResults] = None,
+                  crop_fallbacks: Optional[Sequence[str]] = None) -> list[pathlib.Path]:
+    """DIR/results.json (first method, with `mean_face` / `crop_fallbacks` when given, see
+    `results_dict`), DIR/<label>/results.json for each method when there are several, and
+    DIR/cumulative_error.png with every method (and the mean face). Returns the written paths."""
     from recon.now import plotting
 
     output_dir = pathlib.Path(output_dir)
     written = []
-    targets = [(output_dir / RESULTS_FILE, methods[0])]
+    targets = [(output_dir / RESULTS_FILE, methods[0], True)]
     if len(methods) > 1:
-        targets += [(output_dir / m.label / RESULTS_FILE, m) for m in methods]
-    for path, method in targets:
-        now_io._write_text(path, json.dumps(results_dict(method), indent=1) + "\n")
+        targets += [(output_dir / m.label / RESULTS_FILE, m, False) for m in methods]
+    for path, method, first in targets:
+        extras = dict(mean_face=mean_face, crop_fallbacks=crop_fallbacks) if first else {}
+        now_io.write_file(path, json.dumps(results_dict(method, **extras), indent=1) + "\n")
         written.append(path)
     plot_path = output_dir / PLOT_FILE
+    curves = {m.label: m.all_distances() for m in methods}
+    if mean_face is not None:
+        curves[mean_face.label] = mean_face.all_distances()
     plotting.cumulative_error_plot(
-        plot_path, {m.label: m.all_distances() for m in methods},
+        plot_path, curves,
         title=f"NoW {methods[0].split} ({'metrical' if methods[0].options.metrical else 'non-metrical'})")
     written.append(plot_path)
     return written

@@ -14,7 +14,7 @@ Scans: the neutral FLAME head of the subject (zero pose and expression), eyeball
 behind the ears and below the chin (partial, like a frontal scanner), subdivided twice linearly
 (so the surface is unchanged, ~45k vertices), Gaussian noise of `scan_noise_mm` per axis on every
 vertex, in millimetres, under a random rigid pose of the scanner frame. The `.pp` file holds the
-7 NoW landmarks (FLAME static landmarks 19, 22, 25, 28, 16, 31, 37) in the same frame with
+7 NoW landmarks (`recon.types.NOW_LANDMARKS_68` of FLAME's 68 landmarks) in the same frame with
 `landmark_noise_mm` annotation noise.
 
 Images (rendered with `recon.render`, composited over a smooth random background, JPEG):
@@ -28,8 +28,9 @@ Images (rendered with `recon.render`, composited over a smooth random background
 Extra (not in the NoW layout): `synthetic_ground_truth/<subject>.npz` holds the exact neutral
 FLAME mesh of each validation subject (`vertices_m`, `faces`, `landmarks7_m`, FLAME frame), so
 prediction folders with analytically known errors can be made (`benchmarks/now_scorer.py`).
-Detected-face boxes: the bounding box of the 68 projected landmarks, raised by 15% of its height
-at the top (forehead, like a face detector), as a pickled dict (NoW's format).
+Detected-face boxes: `recon.image.crop.box_from_landmarks` of the 68 projected landmarks (their
+bounding box, raised by 15% of its height at the top: the forehead, like a face detector), as a
+pickled dict (NoW's format).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ from typing import Optional
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from recon.image.crop import box_from_landmarks
 from recon.now import io as now_io
 from recon.now import protocol
+from recon.types import NOW_LANDMARKS_68
 
-NOW_IBUG_INDICES = tuple(17 + i for i in protocol.FLAME_STATIC_INDICES)  # (36, 39, 42, 45, 33, 48, 54)
 NUM_HEAD_VERTICES = 3931  # FLAME vertices before the eyeballs
 SELFIE_DISTANCE_M = 0.30
 # Not part of the NoW layout: the exact neutral FLAME mesh of each validation subject (metres,
@@ -72,7 +74,7 @@ class SyntheticNowConfig:
     max_scan_vertices: Optional[int] = None  # random subset of the subdivided scan's vertices
     first_seed: int = 10_000_000
     model_seed: int = 0
-    version: int = 1  # bump when the generator changes
+    version: int = 2  # bump when the generator changes (2: no triangle lost to capacity)
 
     def key(self) -> str:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -80,9 +82,7 @@ class SyntheticNowConfig:
 
 
 def cache_root() -> pathlib.Path:
-    base = os.environ.get("FACERECON_CACHE_DIR")
-    base = pathlib.Path(base) if base else pathlib.Path.home() / ".cache" / "facerecon_jax"
-    return base / "now_synthetic"
+    return now_io.cache_base() / "now_synthetic"
 
 
 def ensure_synthetic_split(config: SyntheticNowConfig = SyntheticNowConfig(), *,
@@ -185,10 +185,8 @@ def _occlude(image, box, rng):
 
 
 def _face_box(landmarks_px: np.ndarray) -> dict:
-    left, top = landmarks_px[:, 0].min(), landmarks_px[:, 1].min()
-    right, bottom = landmarks_px[:, 0].max(), landmarks_px[:, 1].max()
-    top -= 0.15 * (bottom - top)
-    return {"left": float(left), "right": float(right), "top": float(top), "bottom": float(bottom)}
+    left, top, right, bottom = (float(value) for value in box_from_landmarks(landmarks_px))
+    return {"left": left, "right": right, "top": top, "bottom": bottom}
 
 
 def _image_parameters(rng, challenge, model):
@@ -226,15 +224,17 @@ def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = Synthe
 
     import flame_jax
     from recon import render as render_lib
-    from recon.camera import project_to_pixels
-    from recon import shading
-    from recon.rasterizer import RasterSettings
+    from recon.render.camera import project_to_pixels
+    from recon.render import shading
+    from recon.render.rasterizer import RasterSettings
 
     root = pathlib.Path(root)
     model = flame_jax.synthetic(config.model_seed) if model is None else model
     faces = np.asarray(model.faces)
     size = config.image_size
-    settings = RasterSettings(height=size, width=size)
+    # Close-up heads (selfie) at 384 px cut FLAME's big triangles into many 8 x 8 tiles: room
+    # for all of them, and every image is checked for overflow (a lost triangle is a hole).
+    settings = RasterSettings(height=size, width=size, tile_capacity=65536)
     challenges = dict(config.images_per_challenge)
     images_per_subject = sum(challenges.values())
     forward = jax.jit(flame_jax.forward)
@@ -266,15 +266,15 @@ def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = Synthe
         vertices = np.asarray(out.vertices, np.float64)
         landmarks68 = np.asarray(out.landmarks, np.float64)
         if split == "val":
-            scan_v, scan_f, scan_lmk = scan_mesh(vertices[0], faces,
-                                                 landmarks68[0, list(NOW_IBUG_INDICES)], rng, config)
-            now_io.write_obj(root / "scans" / subject / f"{subject}.obj", scan_v, scan_f)
+            landmarks7 = landmarks68[0, list(NOW_LANDMARKS_68)]
+            scan_v, scan_f, scan_lmk = scan_mesh(vertices[0], faces, landmarks7, rng, config)
+            now_io.write_mesh(root / "scans" / subject / f"{subject}.obj", scan_v, scan_f)
             now_io.write_pp(root / "scans_lmks_onlypp" / subject / f"{subject}_picked_points.pp",
                             scan_lmk, names=protocol.LANDMARK_NAMES, model_file=f"{subject}.obj")
-            buffer = _io.BytesIO()
-            np.savez(buffer, vertices_m=vertices[0].astype(np.float32), faces=faces,
-                     landmarks7_m=landmarks68[0, list(NOW_IBUG_INDICES)].astype(np.float32))
-            now_io._write_bytes(root / GROUND_TRUTH_DIR / f"{subject}.npz", buffer.getvalue())
+            truth = dict(vertices_m=vertices[0].astype(np.float32), faces=faces,
+                         landmarks7_m=landmarks7.astype(np.float32))
+            now_io.write_file(root / GROUND_TRUTH_DIR / f"{subject}.npz",
+                              lambda handle, arrays=truth: np.savez(handle, **arrays))
         if not with_images:
             lists[split] += [now_io.ImageEntry(subject, plan[0], f"IMG_{plan[1]:04d}.jpg")
                              for plan in plans]
@@ -301,6 +301,11 @@ def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = Synthe
         rendered = render_lib.render(jnp.asarray(posed, jnp.float32), model.faces,
                                      jnp.asarray(cameras, jnp.float32),
                                      jnp.asarray(light, jnp.float32), albedo, settings=settings)
+        overflow = np.asarray(rendered.overflow)
+        if overflow.any():
+            raise RuntimeError(f"synthetic NoW subject {subject}: the renderer dropped "
+                               f"{int(overflow.max())} triangles/tiles (raise RasterSettings' "
+                               f"capacities)")
         colour = np.asarray(rendered.image)
         alpha = np.asarray(rendered.alpha)[..., None]
         pixels = np.asarray(project_to_pixels(jnp.asarray(points68, jnp.float32),
@@ -313,13 +318,13 @@ def build_synthetic_split(root: os.PathLike, config: SyntheticNowConfig = Synthe
             entry = now_io.ImageEntry(subject, challenge, f"IMG_{j:04d}.jpg")
             buffer = _io.BytesIO()
             Image.fromarray(np.round(image * 255).astype(np.uint8)).save(buffer, "JPEG", quality=92)
-            now_io._write_bytes(root / now_io.IMAGES_DIR / subject / challenge / entry.image,
-                                buffer.getvalue())
+            now_io.write_file(root / now_io.IMAGES_DIR / subject / challenge / entry.image,
+                              buffer.getvalue())
             now_io.write_face_box(root / now_io.FACE_BOXES_DIR / entry.relative(".npy"), box)
             lists[split].append(entry)
     for split, entries in lists.items():
         now_io.write_image_list(now_io.image_list_path(root, split), entries)
-    now_io._write_text(root / "complete.json", json.dumps(
+    now_io.write_file(root / "complete.json", json.dumps(
         {"config": dataclasses.asdict(config), "key": config.key()}, indent=1) + "\n")
 
 

@@ -1,9 +1,11 @@
 """Analysis-by-synthesis fitting of FLAME to one face crop through `recon.render`.
 
-Everything happens in the 224 x 224 crop (`recon.photo.detect.crop_from_box`), with the camera
-and landmark conventions of `recon.camera`. Four stages, each a Python loop over one jitted
-Adam step (`fit_step`; the stage is a traced `StageControl`, so only two programs compile: with
-and without the renderer), deterministic (no randomness at all):
+Everything happens in one square face crop (`recon.image.crop_image`; `python -m recon.predict`
+cuts `recon.predict.FIT_CROP`, 224 px, or the regressor's own crop) at the size of the images
+it is given (`FitTarget.size`), with the conventions of `recon.render.camera` (the camera is in
+NDC, so a code means the same view at any size). Four stages, each a Python loop over one
+jitted Adam step (`fit_step`; the stage is a traced `StageControl`, so only two programs
+compile per crop size: with and without the renderer), deterministic (no randomness at all):
 
   1. "rigid":       camera and head rotation on the 68 landmarks;
   2. "landmarks":   + shape, expression and jaw, with L2 priors;
@@ -38,12 +40,13 @@ import optax
 from flax import struct
 
 import flame_jax
-from recon import camera as camera_lib
-from recon import losses, rasterizer, render as render_lib, shading
+from recon import losses
+from recon import render as render_lib
+from recon.render import camera as camera_lib
+from recon.render import rasterizer, shading
 from recon.types import Code
 
 Array = jax.Array
-CROP_SIZE = 224
 STAGES = ("rigid", "landmarks", "appearance", "photometric")
 # Fields each stage optimises (the rest get zero updates).
 _TRAINABLE = {
@@ -112,12 +115,12 @@ class FitAssets:
 
 @struct.dataclass
 class FitTarget:
-    """One batch of B crops to fit.
+    """One batch of B crops of S x S pixels to fit (S: `size`, any square size).
 
-      image: (B, 224, 224, 3) float32 RGB in [0, 1].
+      image: (B, S, S, 3) float32 RGB in [0, 1].
       landmarks: (B, 68, 2) float32 iBUG-68 targets, crop pixels.
       landmark_weights: (B, 68) float32.
-      skin: (B, 224, 224) float32 in [0, 1], where the photo may be compared (skin colour).
+      skin: (B, S, S) float32 in [0, 1], where the photo may be compared (skin colour).
       camera0: (B, 3) reference camera the camera variables are relative to.
     """
 
@@ -126,6 +129,11 @@ class FitTarget:
     landmark_weights: Array
     skin: Array
     camera0: Array
+
+    @property
+    def size(self) -> int:
+        """S, the crops' side in pixels (static under jit: it is a shape)."""
+        return int(self.image.shape[1])
 
 
 @struct.dataclass
@@ -195,11 +203,11 @@ def skin_colour_mask(image: np.ndarray) -> np.ndarray:
 
 def make_target(images: np.ndarray, landmarks: np.ndarray, landmark_weights: np.ndarray,
                 camera0: np.ndarray, *, skin_colour_mask_on: bool = True) -> FitTarget:
-    """FitTarget from numpy crops (B, 224, 224, 3), landmarks (B, 68, 2) crop pixels,
-    weights (B, 68) and reference cameras (B, 3)."""
+    """FitTarget from numpy crops (B, S, S, 3) of any square size S, landmarks (B, 68, 2)
+    pixels of those crops, weights (B, 68) and reference cameras (B, 3)."""
     images = np.asarray(images, np.float32)
-    if images.ndim != 4 or images.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
-        raise ValueError(f"images must be (B, {CROP_SIZE}, {CROP_SIZE}, 3), got {images.shape}")
+    if images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"images must be square RGB crops (B, S, S, 3), got {images.shape}")
     batch = images.shape[0]
     landmarks = np.asarray(landmarks, np.float32)
     weights = np.asarray(landmark_weights, np.float32)
@@ -266,15 +274,15 @@ flame_forward = jax.jit(flame_jax.forward, static_argnames="chunk_size")
 
 
 def initial_camera(model: flame_jax.FlameModel, code: Code, landmarks_px: np.ndarray,
-                   weights: np.ndarray) -> np.ndarray:
+                   weights: np.ndarray, *, image_size: int) -> np.ndarray:
     """(B, 3) weak-perspective camera aligning `code`'s landmarks to the targets (no rotation).
 
-    Least squares over the 51 inner points: s X + s t = target_ndc (y flipped), linear in
-    (s, s tx, s ty).
+    landmarks_px: (B, 68, 2) pixels of image_size x image_size crops. Least squares over the 51
+    inner points: s X + s t = target_ndc (y flipped), linear in (s, s tx, s ty).
     """
     points = np.asarray(flame_forward(model, code.flame_params()).landmarks)[:, _INNER]
     target = np.asarray(camera_lib.pixels_to_ndc(jnp.asarray(landmarks_px),
-                                                 (CROP_SIZE, CROP_SIZE)))[:, _INNER]
+                                                 (image_size, image_size)))[:, _INNER]
     cameras = []
     for b in range(points.shape[0]):
         w = np.sqrt(np.asarray(weights)[b, _INNER])
@@ -298,23 +306,36 @@ def landmark_error_px(landmarks_2d: Array, target: Array) -> Array:
 
 # ----------------------------------------------------------------------------- model
 
-def raster_settings() -> rasterizer.RasterSettings:
-    return rasterizer.RasterSettings(height=CROP_SIZE, width=CROP_SIZE)
+def raster_settings(size: int) -> rasterizer.RasterSettings:
+    """Raster settings for a size x size render of a face crop (fitting and overlays).
+
+    Up to 224 px, the renderer's defaults (8,192 tiles; a head at camera scale s = 6...14 needs
+    3,300...7,100). Larger, FLAME's triangles grow with the size: one more window class (8 px)
+    and tiles in proportion to the area: 24,576 at 448 px, where s = 6...14 needs
+    9,500...21,200 (measured on the built-in FLAME).
+    """
+    size = int(size)
+    if size <= 224:
+        return rasterizer.RasterSettings(height=size, width=size)
+    tiles = int(np.ceil(24576 * max(1.0, (size / 448.0) ** 2)))
+    return rasterizer.RasterSettings(height=size, width=size, window_sizes=(2, 4, 8),
+                                     tile_capacity=tiles)
 
 
 def synthesise(variables: FitVariables, assets: FitAssets, target: FitTarget, *,
                with_render: bool, sigma: float = 0.5):
-    """-> (code, FlameOutput, landmarks_2d (B, 68, 2) crop px, RenderOutput or None)."""
+    """-> (code, FlameOutput, landmarks_2d (B, 68, 2) crop px, RenderOutput or None), at the
+    target's size."""
     code = to_code(variables, target.camera0)
     flame = flame_jax.forward(assets.model, code.flame_params())
     landmarks_2d = camera_lib.project_to_pixels(flame.landmarks, code.camera,
-                                                (CROP_SIZE, CROP_SIZE))[..., :2]
+                                                (target.size, target.size))[..., :2]
     rendered = None
     if with_render:
         albedo = shading.albedo_from_texture(assets.albedo_mean, assets.albedo_basis,
                                              code.texture)
         rendered = render_lib.render(flame.vertices, assets.model.faces, code.camera,
-                                     code.sh_light, albedo, settings=raster_settings(),
+                                     code.sh_light, albedo, settings=raster_settings(target.size),
                                      sigma=sigma)
     return code, flame, landmarks_2d, rendered
 
@@ -357,7 +378,7 @@ def fit_loss(variables: FitVariables, assets: FitAssets, target: FitTarget,
     """Scalar loss (mean over the batch) and per-term metrics (weighted, switched) of a stage."""
     code, _, landmarks_2d, rendered = synthesise(variables, assets, target,
                                                  with_render=photometric, sigma=options.sigma)
-    size = (CROP_SIZE, CROP_SIZE)
+    size = (target.size, target.size)
     terms = {
         # Our per-landmark weights (contour down-weighted) enter as the visibility; no DECA
         # emphasis on jaw points, whose MediaPipe counterparts are the least iBUG-like.
@@ -405,14 +426,15 @@ def fit_step(variables: FitVariables, opt_state, assets: FitAssets, target: FitT
     return optax.apply_updates(variables, updates), opt_state, loss, metrics
 
 
-def landmarks_2d(code: Code, model: flame_jax.FlameModel) -> Array:
-    """(B, 68, 2) crop pixels of `code`'s FLAME landmarks."""
+def landmarks_2d(code: Code, model: flame_jax.FlameModel, *, image_size: int) -> Array:
+    """(B, 68, 2) pixels of `code`'s FLAME landmarks in an image_size x image_size crop."""
     landmarks = flame_forward(model, code.flame_params()).landmarks
-    return camera_lib.project_to_pixels(landmarks, code.camera, (CROP_SIZE, CROP_SIZE))[..., :2]
+    return camera_lib.project_to_pixels(landmarks, code.camera, (image_size, image_size))[..., :2]
 
 
 def _landmarks_2d(variables: FitVariables, assets: FitAssets, target: FitTarget) -> Array:
-    return landmarks_2d(to_code(variables, target.camera0), assets.model)
+    return landmarks_2d(to_code(variables, target.camera0), assets.model,
+                        image_size=target.size)
 
 
 def fit(assets: FitAssets, target: FitTarget, init: Code,
@@ -458,13 +480,17 @@ def fit(assets: FitAssets, target: FitTarget, init: Code,
 
 
 def initial_code(model: flame_jax.FlameModel, landmarks_px: np.ndarray,
-                 landmark_weights: np.ndarray, options: FitOptions = FitOptions()) -> Code:
-    """The mean face, frontal, white light, camera aligned to the landmarks (closed form)."""
+                 landmark_weights: np.ndarray, options: FitOptions = FitOptions(), *,
+                 image_size: int) -> Code:
+    """The mean face, frontal, white light, camera aligned to the landmarks (closed form).
+
+    landmarks_px: (B, 68, 2) pixels of image_size x image_size crops; weights (B, 68).
+    """
     batch = np.asarray(landmarks_px).shape[0]
     zeros = lambda n: jnp.zeros((batch, n), jnp.float32)  # noqa: E731
     code = Code(shape=zeros(options.num_shape), pose=zeros(6),
                 expression=zeros(options.num_expression), texture=zeros(options.num_texture),
                 camera=jnp.asarray(np.tile([[9.0, 0.0, 0.0]], (batch, 1)), jnp.float32),
                 light=jnp.asarray(default_light(batch)))
-    camera = initial_camera(model, code, landmarks_px, landmark_weights)
+    camera = initial_camera(model, code, landmarks_px, landmark_weights, image_size=image_size)
     return code.replace(camera=jnp.asarray(camera))

@@ -1,17 +1,14 @@
-"""What every trainer shares (the CoMA trainer and the regressor trainer).
+"""Training: what every trainer shares, the CoMA trainer and the regressor trainer.
 
-  config.to_dataclass(config, cls)        ConfigDict -> frozen dataclasses; unknown keys fail
-  checkpoints.RunCheckpointer(dir, config=...)   one orbax manager per run; resume; config check
-  metrics.MetricsWriter(workdir, total_steps=...) metrics.jsonl + tqdm (steps/s, ETA)
-  guard.guarded_update / raise_if_nonfinite  every step checked on device, first bad step named
+  checkpoints.RunCheckpointer(dir, config=...)     one orbax manager per run; resume; config check
+  metrics.MetricsWriter(workdir, total_steps=...)  metrics.jsonl + tqdm (steps/s, ETA)
+  guard.guarded_update / raise_if_nonfinite        every step checked on device, first bad step named
   sharding.make_mesh / replicated / data_sharding / shard_batch   one `data` axis
+  distributed.maybe_initialize                     jax.distributed when the environment asks for it
+  coma:      the CoMA autoencoder behind the 3D-ID loss (`configs/coma.py`)
+  coma_cache.ensure_coma_encoder                   the frozen encoder: given, cached or trained now
+  fakes:     stand-ins for the paper's licensed files (`configs/paper.py:smoke`): a FLAME
+             2020-format pickle, an ArcFace-layout ONNX IResNet, a MICA-format tree of renders
+  regressor: the regressor trainer (`configs/default.py`, `configs/paper.py`): options, step,
+             evaluation, the ridge baseline, NoW during training, the loop
 """
-
-from recon.training import checkpoints, config, guard, metrics, sharding
-from recon.training.checkpoints import (CheckpointRestoreError, ConfigMismatchError,
-                                        RunCheckpointer)
-from recon.training.config import to_dataclass
-from recon.training.metrics import MetricsWriter
-
-__all__ = ["checkpoints", "config", "guard", "metrics", "sharding", "CheckpointRestoreError",
-           "ConfigMismatchError", "RunCheckpointer", "to_dataclass", "MetricsWriter"]

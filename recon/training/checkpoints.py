@@ -3,7 +3,10 @@
 Every step folder `directory/<step>/` holds the items
   state: the training state pytree (`ocp.args.StandardSave`: jax/numpy arrays, any sharding);
   run:   JSON `{"format", "config"}`: the run's config, checked when the run is resumed;
-  extra: JSON, optional: e.g. the data iterator state and the evaluation;
+  data:  optional, the grain data iterator through grain's own orbax handler
+         (`PyGrainCheckpointSave`): one `process_<i>-of-<n>.json` per process, so every host
+         resumes its own shard;
+  extra: JSON, optional: e.g. a trainer's own sampler state and the evaluation;
 and any further items a trainer adds (`items=`, e.g. spectral_gcn's encoder export). Orbax
 writes a step to a temporary folder and renames it when complete, so a killed run leaves either
 the whole step or nothing. Opening a directory whose latest step was written with another
@@ -21,7 +24,7 @@ import orbax.checkpoint as ocp
 from recon.training import guard
 
 RUN_FORMAT = "recon.training.run/1"
-STATE, RUN, EXTRA = "state", "run", "extra"
+STATE, RUN, EXTRA, DATA = "state", "run", "extra", "data"
 _all_finite = jax.jit(guard.all_finite)
 
 
@@ -137,15 +140,24 @@ class RunCheckpointer:
             raise CheckpointRestoreError(f"{self.directory} step {step}: cannot restore items "
                                          f"{sorted(args)}: {error}") from error
 
-    def restore(self, step: int, target_state: Any) -> Tuple[Any, dict]:
+    def restore(self, step: int, target_state: Any, *, iterator: Any = None
+                ) -> Tuple[Any, dict]:
         """(state, extra) of `step`; `target_state` gives the structure, dtypes and shardings.
 
-        extra is {} when the step was saved without one.
+        iterator: a grain iterator (`get_state`/`set_state`) restored in place from the step's
+        `data` item (this process's file). extra is {} when the step was saved without one.
         """
+        import grain.python as grain
+
         items = {STATE: ocp.args.StandardRestore(target_state)}
         item_names = self._item_names(step)
         if EXTRA in item_names:
             items[EXTRA] = ocp.args.JsonRestore()
+        if iterator is not None:
+            if DATA not in item_names:
+                raise CheckpointRestoreError(f"{self.directory} step {step} holds no data "
+                                             f"iterator state")
+            items[DATA] = grain.PyGrainCheckpointRestore(iterator)
         restored = self._restore_items(step, items)
         return restored[STATE], dict(restored.get(EXTRA) or {})
 
@@ -167,8 +179,9 @@ class RunCheckpointer:
 
     # ------------------------------------------------------------------ writing
     def save(self, step: int, state: Any, *, extra: Optional[Mapping[str, Any]] = None,
-             items: Optional[Mapping[str, Any]] = None) -> None:
-        """Write `state` (and the JSON `extra`, and further orbax `items`) as step `step`.
+             iterator: Any = None, items: Optional[Mapping[str, Any]] = None) -> None:
+        """Write `state` (and the JSON `extra`, the grain `iterator`'s state, and further orbax
+        `items`) as step `step`.
 
         Refuses (FloatingPointError) a state whose guard recorded a non-finite step or whose
         float leaves are not all finite, so no checkpoint ever holds a diverged state.
@@ -182,6 +195,10 @@ class RunCheckpointer:
                 RUN: ocp.args.JsonSave({"format": RUN_FORMAT, "config": self.config})}
         if extra is not None:
             args[EXTRA] = ocp.args.JsonSave(plain_config(dict(extra)))
+        if iterator is not None:
+            import grain.python as grain
+
+            args[DATA] = grain.PyGrainCheckpointSave(iterator)
         for name, value in (items or {}).items():
             if name in args:
                 raise ValueError(f"checkpoint item name {name!r} is reserved")

@@ -56,8 +56,26 @@ def host_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     return global_batch_size // processes
 
 
+def _host_copy(leaf: Any) -> Any:
+    """A jax.Array leaf as this process's numpy copy (other leaves unchanged)."""
+    if not isinstance(leaf, jax.Array):
+        return leaf
+    if leaf.is_fully_addressable:
+        return np.asarray(leaf)
+    if leaf.is_fully_replicated:
+        return np.asarray(leaf.addressable_data(0))
+    raise ValueError(f"cannot replicate a {leaf.sharding} array that is split over processes")
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Put every leaf of `tree` (numpy or jax) on all devices of `mesh`."""
+    """Put every leaf of `tree` (numpy or jax) on all devices of `mesh`.
+
+    With several processes, arrays committed to this process's devices (e.g. restored from a
+    checkpoint) would need a cross-host transfer, which CPU backends lack; every process holds
+    the same values (same seed, same checkpoint), so each puts its own host copy instead.
+    """
+    if jax.process_count() > 1:
+        tree = jax.tree.map(_host_copy, tree)
     return jax.device_put(tree, replicated(mesh))
 
 

@@ -24,7 +24,7 @@ Two passes:
      and internal edges do not contribute: for the silhouette it is the visible ones that
      matter, and the cost stays a small fraction of the pixels.
 
-Screen convention (see `recon.camera`): vertices are (u, v, z) with u, v in pixels (pixel
+Screen convention (see `recon.render.camera`): vertices are (u, v, z) with u, v in pixels (pixel
 (i, j) sampled at its centre (j + 0.5, i + 0.5)) and larger z closer to the camera. Barycentrics
 are affine in screen space, which is perspective-correct for the orthographic camera. Both
 triangle windings are rasterized (no back-face culling); degenerate, non-finite and
@@ -427,7 +427,7 @@ def rasterize(vertices_px: Array, faces: Array, attributes: Array, settings: Ras
 
     Args:
       vertices_px: (B, V, 3) screen vertices: (u, v) pixels, z larger = closer
-        (`recon.camera.project_to_pixels`).
+        (`recon.render.camera.project_to_pixels`).
       faces: (F, 3) int32 vertex indices.
       attributes: (B, V, A) per-vertex attributes (colours, normals, depth, ...).
       settings: static `RasterSettings`.

@@ -37,7 +37,7 @@ from flax import struct
 import spectral_gcn
 from flame_jax.fileio import atomic_write
 from recon.training import checkpoints, guard, metrics as metrics_lib, sharding
-from recon.training.config import to_dataclass
+from recon.options import to_dataclass
 from spectral_gcn import data as data_lib
 from spectral_gcn.mesh import MeshHierarchy
 from spectral_gcn.models import AutoEncoder, CoMAConfig
@@ -162,12 +162,17 @@ class EpochSampler:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def load_meshes(data: DataConfig, topology_faces: np.ndarray, num_vertices: int):
-    """(train (M, N, 3), test (T, N, 3), description) float32 metres."""
+def load_meshes(data: DataConfig, topology_faces: np.ndarray, num_vertices: int, flame=None):
+    """(train (M, N, 3), test (T, N, 3), description) float32 metres.
+
+    flame: the FLAME model whose identity (and expression) space the "synthetic" source draws
+    heads from (default `flame_jax.synthetic()`): the 3D-ID loss's encoder must know the meshes
+    of the regressor's own FLAME.
+    """
     if data.source == "synthetic":
         import flame_jax
 
-        model = flame_jax.synthetic()
+        model = flame_jax.synthetic() if flame is None else flame
         distribution = data_lib.SyntheticMeshConfig(
             shape_std=data.shape_std, expression_std=data.expression_std,
             jaw_open_max=data.jaw_open_max)
@@ -300,16 +305,18 @@ def initial_state(options: ComaTrainConfig, hierarchy: MeshHierarchy, mean: np.n
 
 def _frozen_config(config) -> Tuple[ComaTrainConfig, dict]:
     if isinstance(config, ComaTrainConfig):
-        from recon.training.config import to_dict
+        from recon.options import to_dict
 
         return config, to_dict(config)
     return to_dataclass(config, ComaTrainConfig), checkpoints.plain_config(config)
 
 
-def train_and_evaluate(config, workdir) -> Dict[str, Any]:
+def train_and_evaluate(config, workdir, *, flame=None) -> Dict[str, Any]:
     """Train (or resume) the CoMA autoencoder in `workdir` and evaluate it against PCA.
 
     config: the ConfigDict of configs/coma.py (or a ComaTrainConfig); unknown keys fail.
+    flame: the FLAME model of the synthetic heads (default `flame_jax.synthetic()`); its
+    triangles must be FLAME's (the mesh hierarchy's).
     workdir: output folder; when it holds checkpoints of the same config the run continues
     from the latest one (ConfigMismatchError naming the keys for another config), and a
     finished run returns its stored evaluation. Returns the evaluation dict (also in
@@ -318,7 +325,7 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
     """
     options, config_dict = _frozen_config(config)
     if options.task != "coma":
-        raise ValueError(f"recon.coma_trainer runs config.task 'coma', got {options.task!r}")
+        raise ValueError(f"recon.training.coma runs config.task 'coma', got {options.task!r}")
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "eval_batch_size"):
         if getattr(options, name) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {getattr(options, name)}")
@@ -336,13 +343,14 @@ def train_and_evaluate(config, workdir) -> Dict[str, Any]:
         workdir / "checkpoints", config=config_dict, max_to_keep=options.max_to_keep,
         ignore_keys=RESUME_IGNORED_KEYS)
     try:
-        return _run(options, workdir, checkpointer, mesh, started)
+        return _run(options, workdir, checkpointer, mesh, started, flame)
     finally:
         checkpointer.close()
 
 
 def _run(options: ComaTrainConfig, workdir: pathlib.Path,
-         checkpointer: checkpoints.RunCheckpointer, mesh, started: float) -> Dict[str, Any]:
+         checkpointer: checkpoints.RunCheckpointer, mesh, started: float,
+         flame=None) -> Dict[str, Any]:
     latest = checkpointer.latest_step()
     if latest is not None and latest >= options.steps:
         extra = checkpointer.restore_extra(latest)
@@ -353,9 +361,13 @@ def _run(options: ComaTrainConfig, workdir: pathlib.Path,
             print(f"{workdir}: the run finished (step {latest}); returning its evaluation")
             return extra["evaluation"]
     vertices, faces = spectral_gcn.flame_topology()
+    if flame is not None and not np.array_equal(np.asarray(flame.faces), faces):
+        raise ValueError("the FLAME model's triangles are not FLAME's topology (the CoMA mesh "
+                         "hierarchy's)")
     hierarchy = spectral_gcn.build_hierarchy(vertices, faces, options.factors,
                                              cache_dir=options.cache_dir or None)
-    train, test, description = load_meshes(options.data, faces, options.model.num_vertices)
+    train, test, description = load_meshes(options.data, faces, options.model.num_vertices,
+                                           flame)
     sampler = EpochSampler(train.shape[0], options.batch_size, options.seed)
     mean, std = data_lib.normalization_statistics(train)
     hierarchy = sharding.replicate(hierarchy, mesh)

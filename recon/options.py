@@ -1,4 +1,5 @@
-"""ConfigDict -> frozen dataclasses, once, at the top of a trainer.
+"""ConfigDict -> frozen dataclasses, once, at the top of a trainer (and of `recon.inference`, which reads
+the config stored with a checkpoint).
 
 Library functions receive small frozen dataclasses, never the whole `ml_collections.ConfigDict`
 (no function can then read a key that no config declares). `to_dataclass` walks the dataclass

@@ -1,4 +1,4 @@
-"""Check an ArcFace import: `python -m recon.backbone PATH [--batch 4] [--seed 0]`.
+"""Check an ArcFace import: `python -m recon.model PATH [--batch 4] [--seed 0]`.
 
 Imports PATH (ONNX or arcface_torch .pth), prints the architecture found, and for ONNX files
 compares the embeddings of random images in [-1, 1] with onnxruntime's (needs the dev extra):
@@ -15,7 +15,7 @@ import numpy as np
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recon.backbone", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m recon.model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path")
     parser.add_argument("--batch", type=int, default=4)
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from recon.backbone import import_arcface
+    from recon.model import import_arcface
 
     start = time.perf_counter()
     module, variables = import_arcface(args.path)

@@ -2,7 +2,7 @@
 
 Shading follows DECA: per-pixel normals are the barycentric interpolation of the model-frame
 vertex normals (not re-normalised), shading = SH(normals, light), image = albedo * shading.
-2D landmarks must come from `recon.camera.project_to_pixels` with the same camera, which this
+2D landmarks must come from `recon.render.camera.project_to_pixels` with the same camera, which this
 module uses for the mesh.
 """
 
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from recon import camera as camera_lib
-from recon import rasterizer, shading
+from recon.render import camera as camera_lib
+from recon.render import rasterizer, shading
 
 Array = jax.Array
 
@@ -28,6 +28,7 @@ class RenderOutput:
       wherever alpha > 0 (outside the mesh it is extrapolated from the nearest triangle so that
       silhouettes get gradients), zero far from the mesh. Use `composite` over a background.
     alpha: (B, H, W) soft coverage in [0, 1] (-> hard coverage as sigma -> 0).
+    albedo: (B, H, W, 3) interpolated per-vertex albedo (image = albedo * SH(normals, light)).
     normals: (B, H, W, 3) interpolated model-frame vertex normals.
     depth: (B, H, W) interpolated s * z (NDC units, larger is closer).
     face_index: (B, H, W) int32 visible triangle, -1 where the pixel centre is not covered.
@@ -36,6 +37,7 @@ class RenderOutput:
 
     image: Array
     alpha: Array
+    albedo: Array
     normals: Array
     depth: Array
     face_index: Array
@@ -61,7 +63,7 @@ def render(vertices: Array, faces: Array, camera: Array, light: Array, albedo: A
     Args:
       vertices: (B, V, 3) model-frame vertices in metres.
       faces: (F, 3) int32 triangles.
-      camera: (B, 3) (scale, tx, ty), see `recon.camera`.
+      camera: (B, 3) (scale, tx, ty), see `recon.render.camera`.
       light: (B, 9, 3) SH coefficients (`recon.types.Code.sh_light`).
       albedo: (B, V, 3) per-vertex albedo (`shading.albedo_from_texture`).
       settings: static `RasterSettings` (image size, capacities).
@@ -80,6 +82,7 @@ def render(vertices: Array, faces: Array, camera: Array, light: Array, albedo: A
     albedo_image = fragments.attributes[..., 0:3]
     normal_image = fragments.attributes[..., 3:6]
     image = albedo_image * shading.sh_shading(normal_image, light)
-    return RenderOutput(image=image, alpha=fragments.alpha, normals=normal_image,
+    return RenderOutput(image=image, alpha=fragments.alpha, albedo=albedo_image,
+                        normals=normal_image,
                         depth=fragments.attributes[..., 6], face_index=fragments.face_index,
                         overflow=fragments.overflow)

@@ -1,4 +1,4 @@
-"""Face boxes and iBUG-68 landmarks from MediaPipe, and the regressor's square face crop.
+"""Face boxes and iBUG-68 landmarks from MediaPipe: what the crop of a photo is built from.
 
 Detection (the `photo` extra: `pip install 'facerecon-jax[photo]'`, mediapipe 0.10.14, whose
 wheel ships the BlazeFace and face-mesh `.tflite` models, so nothing is downloaded):
@@ -20,8 +20,9 @@ starts higher (temple level rather than the ear's top) and slides off the silhou
 turns. We therefore use them, but `CONTOUR_WEIGHT` (0.5) down-weights them in the fit relative to
 the 51 inner points (see `landmark_weights`).
 
-Image conventions: RGB uint8 (H, W, 3) arrays; continuous pixel coordinates (x right, y down),
-pixel (row i, column j) covers [j, j+1) x [i, i+1) as in `recon.camera`.
+Image conventions: RGB uint8 (H, W, 3) arrays (`recon.image.read_image`); continuous pixel
+coordinates (x right, y down), pixel (row i, column j) covers [j, j+1) x [i, i+1) as in
+`recon.image.crop` and `recon.render.camera`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import dataclasses
 from typing import List, Optional
 
 import numpy as np
-from PIL import Image
+
+from recon.image import crop as crop_lib
 
 PHOTO_EXTRA_HINT = "pip install 'facerecon-jax[photo]'"
 
@@ -50,16 +52,12 @@ MEDIAPIPE_TO_IBUG68 = np.asarray(
 LANDMARK_SET = "ibug68_from_mediapipe478"
 NUM_CONTOUR = 17
 CONTOUR_WEIGHT = 0.5
-CROP_SCALE = 1.6
-CROP_SIZE = 224
+# The face mesh runs on this square around each BlazeFace box (1.6 x its larger side).
+MESH_CROP = crop_lib.CropSpec(anchor="box", scale=1.6, box_side="max", size=256)
 
 
 class PhotoExtraMissing(ImportError):
     """mediapipe (the `photo` extra) is not installed."""
-
-
-class ImageReadError(ValueError):
-    """A file that is not a readable image."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,22 +89,6 @@ def landmark_weights(contour_weight: float = CONTOUR_WEIGHT) -> np.ndarray:
     return weights
 
 
-def read_image(path) -> np.ndarray:
-    """Image file -> (H, W, 3) uint8 RGB; `ImageReadError` naming the file when unreadable."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
-        raise ImageReadError(f"{path}: not a readable image ({type(error).__name__}: {error})") \
-            from error
-    if rgb.ndim != 3 or min(rgb.shape[:2]) < 2:
-        raise ImageReadError(f"{path}: image has unusable shape {rgb.shape}")
-    return rgb
-
-
 def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -116,59 +98,14 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def crop_transform(box, scale: float = CROP_SCALE, size: int = CROP_SIZE) -> np.ndarray:
-    """(3, 3) float64 affine map from crop pixels to image pixels for `crop_from_box`.
-
-    The crop is the square of side `scale * max(box width, box height)` centred on the box
-    centre, resized to size x size. Continuous coordinates: image = side / size * crop + corner.
-    """
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {box}")
-    side = scale * max(x1 - x0, y1 - y0)
-    corner_x = 0.5 * (x0 + x1) - 0.5 * side
-    corner_y = 0.5 * (y0 + y1) - 0.5 * side
-    step = side / size
-    return np.asarray([[step, 0.0, corner_x], [0.0, step, corner_y], [0.0, 0.0, 1.0]])
-
-
-def apply_transform(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """(3, 3) affine, (N, 2) points -> (N, 2) float64 mapped points."""
-    points = np.asarray(points, np.float64)
-    return points @ transform[:2, :2].T + transform[:2, 2]
-
-
-def crop_from_box(image: np.ndarray, box, scale: float = CROP_SCALE,
-                  size: int = CROP_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """The regressor's face crop (as NoW / DECA): square of `scale` x the box side, `size` px.
-
-    Args:
-      image: (H, W, 3) uint8 RGB.
-      box: [x0, y0, x1, y1] image pixels.
-    Returns:
-      crop: (size, size, 3) float32 RGB in [0, 1]; parts outside the image are black.
-      transform: (3, 3) float64 mapping crop pixel coordinates to image pixel coordinates
-        (`apply_transform(transform, crop_points)`; its inverse maps image to crop).
-    """
-    image = _check_image(image)
-    transform = crop_transform(box, scale, size)
-    side = transform[0, 0] * size
-    left, top = transform[0, 2], transform[1, 2]
-    height, width = image.shape[:2]
-    # Pillow's resize takes a float source box (exact sub-pixel placement) and filters with a
-    # support scaled to the reduction (anti-aliased), but the box must lie inside the image:
-    # pad with black where the square leaves it.
-    pad_left = int(np.ceil(max(0.0, -left)))
-    pad_top = int(np.ceil(max(0.0, -top)))
-    pad_right = int(np.ceil(max(0.0, left + side - width)))
-    pad_bottom = int(np.ceil(max(0.0, top + side - height)))
-    padded = image
-    if pad_left or pad_top or pad_right or pad_bottom:
-        padded = np.pad(image, ((pad_top, pad_bottom), (pad_left, pad_right), (0, 0)))
-    source = (left + pad_left, top + pad_top, left + pad_left + side, top + pad_top + side)
-    resized = Image.fromarray(padded).resize((size, size), Image.Resampling.BILINEAR,
-                                             box=source)
-    return np.asarray(resized, np.float32) / 255.0, transform
+def box_iou(a, b) -> float:
+    """Intersection over union of two [x0, y0, x1, y1] boxes."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def _mediapipe():
@@ -225,18 +162,19 @@ class FaceDetector:
     def landmarks(self, image: np.ndarray, box) -> Optional[np.ndarray]:
         """(478, 2) float32 face-mesh points (image pixels) of the face in `box`, or None.
 
-        The mesh runs on the box's 1.6x square crop at (at most) 512 px so that a small face in
-        a big photo gets the mesh model's working resolution.
+        The mesh runs on the box's 1.6x square crop (`MESH_CROP`) at 192..512 px, so that a
+        small face in a big photo gets the mesh model's working resolution.
         """
-        side = CROP_SCALE * max(box[2] - box[0], box[3] - box[1])
-        size = int(np.clip(round(side), 192, 512))
-        crop, transform = crop_from_box(image, box, CROP_SCALE, size)
-        result = self._mesh.process(np.ascontiguousarray((crop * 255.0 + 0.5).astype(np.uint8)))
+        side = MESH_CROP.scale * max(box[2] - box[0], box[3] - box[1])
+        spec = MESH_CROP.resized(int(np.clip(round(side), 192, 512)))
+        crop = crop_lib.crop_image(image, spec, box=box)
+        pixels = np.round(np.clip(crop.image, 0.0, 1.0) * 255.0).astype(np.uint8)
+        result = self._mesh.process(np.ascontiguousarray(pixels))
         if not result.multi_face_landmarks:
             return None
-        points = np.asarray([[p.x * size, p.y * size]
+        points = np.asarray([[p.x * spec.size, p.y * spec.size]
                              for p in result.multi_face_landmarks[0].landmark], np.float64)
-        return apply_transform(transform, points).astype(np.float32)
+        return crop.to_image(points).astype(np.float32)
 
     def __call__(self, image: np.ndarray) -> List[Face]:
         """All faces with a box and a landmark set, largest box first."""

@@ -36,8 +36,10 @@ INPUT_SIZE = 112  # the FC expects a 7 x 7 map after four stride-2 stages
 STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
 PART_NAMES = ("stem",) + STAGE_NAMES + ("output",)
 
-# Top-level parts that train when only the last stage trains (the paper, MICA).
+# Top-level parts that train when only the last stage trains (the paper, MICA), and the part
+# after which the frozen trunk ends (its output is what `model.trunk_cache` caches).
 TRAINABLE_PREFIXES = ("stage4", "output")
+TRUNK_END = "stage3"
 # Parameters arcface_torch never trains (features.weight.requires_grad = False).
 ALWAYS_FROZEN_PATHS = (("output", "features", "scale"),)
 
@@ -56,28 +58,31 @@ class PReLU(nn.Module):
         return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
 
 
-def _batch_norm(name: str, use_running_average: bool, dtype) -> nn.BatchNorm:
+def _batch_norm(name: str, use_running_average: bool, dtype, param_dtype=jnp.float32
+                ) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=use_running_average, momentum=BN_MOMENTUM,
-                        epsilon=BN_EPSILON, dtype=dtype, name=name)
+                        epsilon=BN_EPSILON, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _conv(name: str, features: int, kernel: int, stride: int, dtype, precision) -> nn.Conv:
+def _conv(name: str, features: int, kernel: int, stride: int, dtype, precision,
+          param_dtype=jnp.float32) -> nn.Conv:
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
-                   dtype=dtype, precision=precision, name=name)
+                   dtype=dtype, param_dtype=param_dtype, precision=precision, name=name)
 
 
 class Stem(nn.Module):
     width: int
     dtype: Any = jnp.float32
     precision: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-        x = _conv("conv", self.width, 3, 1, self.dtype, self.precision)(x)
-        x = _batch_norm("bn", use_running_average, self.dtype)(x)
-        return PReLU(name="prelu")(x)
+        x = _conv("conv", self.width, 3, 1, self.dtype, self.precision, self.param_dtype)(x)
+        x = _batch_norm("bn", use_running_average, self.dtype, self.param_dtype)(x)
+        return PReLU(param_dtype=self.param_dtype, name="prelu")(x)
 
 
 class IBasicBlock(nn.Module):
@@ -88,20 +93,21 @@ class IBasicBlock(nn.Module):
     downsample: bool
     dtype: Any = jnp.float32
     precision: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-        out = _batch_norm("bn1", use_running_average, self.dtype)(x)
-        out = _conv("conv1", self.features, 3, 1, self.dtype, self.precision)(out)
-        out = _batch_norm("bn2", use_running_average, self.dtype)(out)
-        out = PReLU(name="prelu")(out)
-        out = _conv("conv2", self.features, 3, self.stride, self.dtype, self.precision)(out)
-        out = _batch_norm("bn3", use_running_average, self.dtype)(out)
+        out = _batch_norm("bn1", use_running_average, self.dtype, self.param_dtype)(x)
+        out = _conv("conv1", self.features, 3, 1, self.dtype, self.precision, self.param_dtype)(out)
+        out = _batch_norm("bn2", use_running_average, self.dtype, self.param_dtype)(out)
+        out = PReLU(param_dtype=self.param_dtype, name="prelu")(out)
+        out = _conv("conv2", self.features, 3, self.stride, self.dtype, self.precision, self.param_dtype)(out)
+        out = _batch_norm("bn3", use_running_average, self.dtype, self.param_dtype)(out)
         shortcut = x
         if self.downsample:
             shortcut = _conv("downsample_conv", self.features, 1, self.stride, self.dtype,
-                             self.precision)(x)
-            shortcut = _batch_norm("downsample_bn", use_running_average, self.dtype)(shortcut)
+                             self.precision, self.param_dtype)(x)
+            shortcut = _batch_norm("downsample_bn", use_running_average, self.dtype, self.param_dtype)(shortcut)
         return out + shortcut
 
 
@@ -112,6 +118,7 @@ class Stage(nn.Module):
     num_blocks: int
     dtype: Any = jnp.float32
     precision: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
@@ -119,7 +126,7 @@ class Stage(nn.Module):
             first = index == 0
             x = IBasicBlock(self.features, stride=2 if first else 1, downsample=first,
                             dtype=self.dtype, precision=self.precision,
-                            name=f"block{index}")(x, use_running_average)
+                            param_dtype=self.param_dtype, name=f"block{index}")(x, use_running_average)
         return x
 
 
@@ -129,15 +136,17 @@ class Output(nn.Module):
     embedding_size: int
     dtype: Any = jnp.float32
     precision: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-        x = _batch_norm("bn", use_running_average, self.dtype)(x)
+        x = _batch_norm("bn", use_running_average, self.dtype, self.param_dtype)(x)
         # torch.flatten of an NCHW map: channel-major, so imported fc weights apply unchanged.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-        x = nn.Dense(self.embedding_size, dtype=self.dtype, precision=self.precision,
+        x = nn.Dense(self.embedding_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                     precision=self.precision,
                      name="fc")(x)
-        return _batch_norm("features", use_running_average, self.dtype)(x)
+        return _batch_norm("features", use_running_average, self.dtype, self.param_dtype)(x)
 
 
 class IResNet(nn.Module):
@@ -148,7 +157,7 @@ class IResNet(nn.Module):
         (3,13,30,3)).
       width: channels of the stem and stage 1; stages have width * (1, 2, 4, 8) (arcface: 64).
       embedding_size: output features (arcface: 512).
-      dtype: computation dtype (parameters stay float32).
+      dtype: computation dtype; param_dtype: the parameters' dtype (float32 by default).
       precision: `jax.lax.Precision` (or its name) of convs and the FC; None = backend default
         (TF32 on recent GPUs, ~1e-3 relative error on deep nets); "highest" for exact float32.
       batch_norm_train_parts: top-level parts (names from `PART_NAMES`) whose BatchNorms use
@@ -162,29 +171,46 @@ class IResNet(nn.Module):
     embedding_size: int = 512
     dtype: Any = jnp.float32
     precision: Any = None
+    param_dtype: Any = jnp.float32
     batch_norm_train_parts: Sequence[str] = ()
 
-    @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def setup(self):
         if len(self.stages) != 4 or min(self.stages) < 1:
             raise ValueError(f"IResNet needs 4 stages of >= 1 block, got {tuple(self.stages)}")
         unknown = sorted(set(self.batch_norm_train_parts) - set(PART_NAMES))
         if unknown:
             raise ValueError(f"batch_norm_train_parts {unknown} not in {PART_NAMES}")
+        common = dict(dtype=self.dtype, precision=self.precision, param_dtype=self.param_dtype)
+        self.stem = Stem(self.width, **common)
+        self.stage1 = Stage(self.width, self.stages[0], **common)
+        self.stage2 = Stage(self.width * 2, self.stages[1], **common)
+        self.stage3 = Stage(self.width * 4, self.stages[2], **common)
+        self.stage4 = Stage(self.width * 8, self.stages[3], **common)
+        self.output = Output(self.embedding_size, **common)
+
+    def _run(self, x: jax.Array, parts: Sequence[str], train: bool) -> jax.Array:
+        for part in parts:
+            running = not (train and part in self.batch_norm_train_parts)
+            x = getattr(self, part)(x, running)
+        return x
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         if images.ndim != 4 or images.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
             raise ValueError(f"IResNet expects (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) images, got "
                              f"{images.shape}")
+        return self._run(images.astype(self.dtype), PART_NAMES, train)
 
-        def running(part: str) -> bool:
-            return not (train and part in self.batch_norm_train_parts)
+    def features(self, images: jax.Array, until: str) -> jax.Array:
+        """The activation after part `until` (a name of `PART_NAMES`), BatchNorms in eval mode:
+        the frozen trunk's output that a run may cache (`from_features` finishes the network)."""
+        parts = PART_NAMES[:PART_NAMES.index(until) + 1]
+        return self._run(images.astype(self.dtype), parts, train=False)
 
-        x = images.astype(self.dtype)
-        x = Stem(self.width, self.dtype, self.precision, name="stem")(x, running("stem"))
-        for index, (name, blocks) in enumerate(zip(STAGE_NAMES, self.stages)):
-            x = Stage(self.width * 2 ** index, blocks, self.dtype, self.precision,
-                      name=name)(x, running(name))
-        return Output(self.embedding_size, self.dtype, self.precision,
-                      name="output")(x, running("output"))
+    def from_features(self, features: jax.Array, after: str, train: bool = False) -> jax.Array:
+        """The parts after `after` applied to `features(images, until=after)`: equals
+        `__call__(images, train)` when the parts up to `after` are frozen."""
+        return self._run(features.astype(self.dtype), PART_NAMES[PART_NAMES.index(after) + 1:],
+                         train)
 
     @classmethod
     def small(cls, **overrides) -> "IResNet":

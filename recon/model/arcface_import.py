@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recon.backbone.iresnet import BN_EPSILON, INPUT_SIZE, IResNet, STAGE_NAMES
-from recon.backbone.torch_zip import TorchCheckpointError, load_torch_state_dict
+from recon.model.iresnet import BN_EPSILON, INPUT_SIZE, IResNet, STAGE_NAMES
+from recon.model.torch_zip import TorchCheckpointError, load_torch_state_dict
 
 
 class ArcFaceImportError(ValueError):
