@@ -33,8 +33,9 @@ from typing import Optional
 import numpy as np
 
 from recon.image import dlib_align
-from recon.image.similarity import (SimilarityError, compose, fit_similarity, invert,
-                                    shift_pixel_centres, similarity_scale, transform_points)
+from recon.image.similarity import (SimilarityError, check_points, compose, fit_similarity,
+                                    invert, shift_pixel_centres, similarity_scale,
+                                    transform_points)
 
 ANCHORS = ("box", "dlib_five_points", "arcface_five_points")
 BOX_SIDES = ("mean", "max")
@@ -97,13 +98,7 @@ class CropSpec:
 
 
 def _check_points(points, count: Optional[int], what: str) -> np.ndarray:
-    points = np.asarray(points, np.float64)
-    if points.ndim != 2 or points.shape[1] != 2 or (count is not None and len(points) != count):
-        want = f"({count}, 2)" if count is not None else "(N, 2)"
-        raise CropError(f"{what}: expected {want} points, got shape {points.shape}")
-    if not np.all(np.isfinite(points)):
-        raise CropError(f"{what}: points hold NaN or infinite values")
-    return points
+    return check_points(points, count, what, error=CropError)
 
 
 def check_box(box) -> np.ndarray:

@@ -11,13 +11,14 @@ class SimilarityError(ValueError):
     """Points from which no similarity can be fitted (the message says why)."""
 
 
-def _points(points, count, what: str) -> np.ndarray:
+def check_points(points, count, what: str, error: type = SimilarityError) -> np.ndarray:
+    """(N, 2) float64 finite points (N = count unless None); `error` naming `what` otherwise."""
     points = np.asarray(points, np.float64)
     if points.ndim != 2 or points.shape[1] != 2 or (count is not None and len(points) != count):
         want = f"({count}, 2)" if count is not None else "(N, 2)"
-        raise SimilarityError(f"{what}: expected {want} points, got shape {points.shape}")
+        raise error(f"{what}: expected {want} points, got shape {points.shape}")
     if not np.all(np.isfinite(points)):
-        raise SimilarityError(f"{what}: points hold NaN or infinite values")
+        raise error(f"{what}: points hold NaN or infinite values")
     return points
 
 
@@ -26,8 +27,8 @@ def fit_similarity(source, target) -> np.ndarray:
 
     source, target: (N, 2) points, N >= 2.
     """
-    source = _points(source, None, "fit_similarity source")
-    target = _points(target, len(source), "fit_similarity target")
+    source = check_points(source, None, "fit_similarity source")
+    target = check_points(target, len(source), "fit_similarity target")
     if len(source) < 2:
         raise SimilarityError("fit_similarity needs at least 2 points")
     mean_s, mean_t = source.mean(0), target.mean(0)
