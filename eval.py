@@ -12,7 +12,8 @@ With a checkpoint, the images are cut with the crop the model was trained on (la
 need `pip install 'facerecon-jax[photo]'`), predictions go to OUTPUT/predictions/, and the
 model's mean face (its FLAME template) is scored on the same images (OUTPUT/
 predictions_mean_face/; results.json "mean_face", "mean face" rows in the table); images with
-no detected face are listed in results.json "crop_fallbacks".
+no detected face are listed in results.json "crop_fallbacks", those whose detected landmarks
+strayed from NoW's face box and were moved onto it in "crop_corrections".
 """
 
 import sys

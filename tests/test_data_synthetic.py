@@ -213,3 +213,20 @@ def test_loader_over_heldout_subjects(model):
     assert not any(int(i) in synthetic.TRAIN_SUBJECTS for i in ids)
     for batch in batches:
         pipeline.batch_from_numpy(batch)
+
+
+def test_scene_degradations_name_their_augmentation():
+    from recon.data import sources
+
+    def augment_of(mode):
+        options = sources.DataOptions(scene=sources.SceneOptions(degradations=mode))
+        return sources.synthetic_config(options).augment
+
+    full, occluders, clean = augment_of("full"), augment_of("occluders"), augment_of("clean")
+    assert full == augment.AugmentConfig() and clean == augment.AugmentConfig.clean()
+    # Occluders at the full rate, and nothing else of the photo degradations.
+    assert occluders.occluder_probability == full.occluder_probability > 0
+    assert occluders.occluder_size == full.occluder_size
+    assert dataclasses.replace(occluders, occluder_probability=0.0) == clean
+    with pytest.raises(ValueError, match="degradations must be one of"):
+        sources.SceneOptions(degradations="heavy")

@@ -466,6 +466,86 @@ def test_fallback_landmarks_put_the_template_box_on_the_now_box():
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-9)
 
 
+def _points_with_relation(rng, box, relation):
+    """(68, 2) random face-like points whose landmark box sits under `box` as `relation` says."""
+    points = rng.normal(0.0, 30.0, (68, 2)) * [1.0, 1.2]
+    return predict.place_on_box(points, box, relation)
+
+
+def test_box_relation_is_measured_and_inverted_by_place_on_box():
+    rng = np.random.default_rng(2)
+    relation = predict.BoxRelation(scale=1.12, shift=(0.03, -0.06))
+    boxes = [np.array([x, y, x + w, y + w * 1.2]) for x, y, w in
+             rng.uniform([0, 0, 60], [200, 200, 140], (12, 3))]
+    pairs = [(_points_with_relation(rng, box, relation), box) for box in boxes]
+    for points, box in pairs:  # place_on_box puts each exactly where the relation says
+        scale, shift = predict.relation_of(points, box)
+        np.testing.assert_allclose([scale, *shift], [1.12, 0.03, -0.06], atol=1e-9)
+        assert predict.box_deviation(points, box, relation) < 1e-9
+    # Two detections pulled off their faces do not move the median.
+    pairs[0] = (pairs[0][0] * 1.4, pairs[0][1])
+    pairs[1] = (pairs[1][0] + [40.0, 0.0], pairs[1][1])
+    measured = predict.measure_box_relation(pairs)
+    assert abs(measured.scale - 1.12) < 1e-9 and np.allclose(measured.shift, (0.03, -0.06))
+    assert predict.box_deviation(*pairs[0], measured) > 0.3
+    assert predict.box_deviation(*pairs[1], measured) > 0.3
+    # Too few detections to measure: NoW's box is taken as the landmark box.
+    few = pairs[:predict.MIN_RELATION_DETECTIONS - 1]
+    assert predict.measure_box_relation(few) == predict.BoxRelation()
+    # A known deviation: 10 % larger box -> log(1.1); centre 0.05 sides off -> 0.05.
+    points, box = pairs[5]
+    side = np.sum(crop_lib.box_from_landmarks(points)[2:] - crop_lib.box_from_landmarks(points)[:2]) / 2
+    bigger = predict.place_on_box(points, box, predict.BoxRelation(1.12 / 1.1, relation.shift))
+    np.testing.assert_allclose(predict.box_deviation(bigger, box, relation), np.log(1.1), atol=1e-9)
+    shifted = points + [0.05 * side, 0.0]
+    np.testing.assert_allclose(predict.box_deviation(shifted, box, relation), 0.05, atol=1e-9)
+
+
+def test_crop_sources_move_stray_detections_onto_the_box(tmp_path, synthetic_model):
+    rng = np.random.default_rng(4)
+    relation = predict.BoxRelation(scale=1.05, shift=(0.0, 0.04))
+    entries = [now_io.ImageEntry(f"S{i:02d}", "multiview_neutral", "IMG_0000.jpg")
+               for i in range(11)]
+    folder = predict.landmark_cache_dir(tmp_path / "now", entries, tmp_path / "cache")
+    cached = {}
+    for index, entry in enumerate(entries):
+        box = np.array([50.0 + index, 40.0, 150.0 + index, 160.0])
+        now_io.write_face_box(predict.face_box_path(tmp_path / "now", entry),
+                              dict(zip(("left", "top", "right", "bottom"), box)))
+        points = _points_with_relation(rng, box, relation)
+        if index == 9:  # pulled off the face by an occluder: half the size, off-centre
+            points = (points - points.mean(0)) * 0.5 + points.mean(0) + [25.0, 0.0]
+        if index == 10:
+            points = np.zeros((0, 2))  # no face
+        cached[entry.key] = points
+        now_io.write_file(folder / entry.relative(".npy"),
+                          lambda handle, array=points.astype(np.float32): np.save(handle, array))
+
+    def no_detector():
+        raise AssertionError("every image's landmarks are cached")
+
+    spec = crop_lib.CropSpec(anchor="dlib_five_points", size=150)
+    sources = predict.crop_sources(tmp_path / "now", entries, spec, synthetic_model,
+                                   cache_dir=tmp_path / "cache", detector_factory=no_detector,
+                                   progress=False)
+    for source, entry in zip(sources[:9], entries):  # consistent detections are used as they are
+        assert not source.fallback and not source.box_corrected
+        np.testing.assert_allclose(source.landmarks, cached[entry.key], atol=1e-4)
+    stray, missing = sources[9], sources[10]
+    assert stray.box_corrected and not stray.fallback
+    assert missing.fallback and not missing.box_corrected
+    for source in (stray, missing):  # both sit on NoW's box as the measured relation says
+        scale, shift = predict.relation_of(source.landmarks, source.box)
+        np.testing.assert_allclose([scale, *shift], [1.05, 0.0, 0.04], atol=1e-3)
+    # The stray detection keeps its own shape (a scale and a shift of it, no rotation).
+    original = cached[entries[9].key]
+    ratio = (np.linalg.norm(stray.landmarks[1:] - stray.landmarks[0], axis=1)
+             / np.linalg.norm(original[1:] - original[0], axis=1))
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-4)
+    np.testing.assert_allclose(stray.landmarks[1:] - stray.landmarks[0],
+                               ratio[0] * (original[1:] - original[0]), atol=1e-3)
+
+
 # ----------------------------------------------------------------------------- a tiny model
 
 @pytest.fixture(scope="module")
@@ -532,8 +612,9 @@ def test_eval_with_a_checkpoint_scores_the_mean_face(tiny_split, tiny_model, syn
                    out=lines.append) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) == {"all", "per_challenge", "per_image", "missing", "metrical", "protocol",
-                            "mean_face", "crop_fallbacks"}
+                            "mean_face", "crop_fallbacks", "crop_corrections"}
     assert results["crop_fallbacks"] == []  # a box-anchored model needs no landmarks
+    assert results["crop_corrections"] == []
     mean_face = results["mean_face"]
     assert set(mean_face) == {"median_mm", "mean_mm", "std_mm", "per_challenge"}
     assert set(mean_face["per_challenge"]) == set(now.CHALLENGES)
@@ -619,6 +700,8 @@ def test_landmark_crops_are_detected_once_cached_and_fall_back(tiny_split, tiny_
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     fallbacks = sorted(e.key for e, s in zip(entries, sources) if s.fallback)
     assert results["crop_fallbacks"] == fallbacks and blank.key in fallbacks
+    corrected = sorted(e.key for e, s in zip(entries, sources) if s.box_corrected)
+    assert results["crop_corrections"] == corrected
     assert any(blank.key in str(line) and "template" in str(line) for line in lines)
     assert len(results["per_image"]) == len(entries)
     assert _tree(root) == before  # the NoW root is only read

@@ -66,6 +66,12 @@ class AugmentConfig:
                    brightness=(1.0, 1.0), contrast=(1.0, 1.0), saturation=(1.0, 1.0),
                    gamma=(1.0, 1.0), channel_gain_std=0.0)
 
+    @classmethod
+    def occluders_only(cls) -> "AugmentConfig":
+        """Occluders at their usual rate and sizes, no photo degradations: faces partly hidden
+        (hands, objects) in otherwise clean renders."""
+        return dataclasses.replace(cls.clean(), occluder_probability=cls.occluder_probability)
+
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
     """A random RGB colour, biased away from pure saturation (HSV sampling)."""

@@ -24,6 +24,11 @@ from recon.data import augment, pipeline, pool, synthetic
 from recon.image.crop import CropSpec
 
 
+# `SceneOptions.degradations` -> the host-side randomisation it stands for.
+DEGRADATIONS = {"full": augment.AugmentConfig, "occluders": augment.AugmentConfig.occluders_only,
+                "clean": augment.AugmentConfig.clean}
+
+
 @dataclasses.dataclass(frozen=True)
 class SceneOptions:
     """How wide the synthetic images vary (the `recon.data.synthetic.SyntheticConfig` fields
@@ -32,7 +37,8 @@ class SceneOptions:
 
     landmark_noise: the detector's landmark error the training crops are made with (a fraction
       of the landmark box side; see `SyntheticConfig`).
-    degradations: "full" (`AugmentConfig()`: occluders, blur, noise, JPEG, colour jitter) or
+    degradations: "full" (`AugmentConfig()`: occluders, blur, noise, JPEG, colour jitter),
+      "occluders" (`AugmentConfig.occluders_only()`: occluders, no photo degradations) or
       "clean" (`AugmentConfig.clean()`: none of them; backgrounds stay random).
     """
 
@@ -50,8 +56,8 @@ class SceneOptions:
     degradations: str = "full"
 
     def __post_init__(self):
-        if self.degradations not in ("full", "clean"):
-            raise ValueError(f"data.scene.degradations must be 'full' or 'clean', got "
+        if self.degradations not in DEGRADATIONS:
+            raise ValueError(f"data.scene.degradations must be one of {sorted(DEGRADATIONS)}, got "
                              f"{self.degradations!r}")
         if self.shape_std <= 0:
             raise ValueError(f"data.scene.shape_std must be > 0, got {self.shape_std}")
@@ -125,8 +131,7 @@ def synthetic_config(options: DataOptions) -> synthetic.SyntheticConfig:
     degradations = scene.pop("degradations")
     return synthetic.SyntheticConfig(
         crop=options.crop, image_size=options.loss_size, **scene,
-        augment=augment.AugmentConfig.clean() if degradations == "clean"
-        else augment.AugmentConfig())
+        augment=DEGRADATIONS[degradations]())
 
 
 def _train_subjects(options: DataOptions) -> range:

@@ -63,8 +63,8 @@ def _predict(request: EvalRequest, root: pathlib.Path, output: pathlib.Path,
              predictor_factory: Optional[Callable], out) -> Optional[dict]:
     """Predict the split with a checkpoint (and, for scored splits, write the mean face).
 
-    Returns {"folder", "label", "mean_face_folder" (or None), "crop_fallbacks"}, or None after
-    printing why no predictor could be used.
+    Returns {"folder", "label", "mean_face_folder" (or None), "crop_fallbacks",
+    "crop_corrections"}, or None after printing why no predictor could be used.
     """
     from recon import inference
     from recon.image import detect
@@ -90,13 +90,17 @@ def _predict(request: EvalRequest, root: pathlib.Path, output: pathlib.Path,
         out(f"{len(report.crop_fallbacks)} images without a detected face were cropped from "
             f"NoW's box through the FLAME template's landmarks: "
             + ", ".join(report.crop_fallbacks))
+    if report.crop_corrections:
+        out(f"{len(report.crop_corrections)} images whose detected landmarks strayed from NoW's "
+            f"box were moved onto it: " + ", ".join(report.crop_corrections))
     mean_face_folder = None
     if request.split != "test":
         mean_face_folder = output / MEAN_FACE_DIR
         predict_lib.write_mean_face(predictor.flame, entries, mean_face_folder)
     label = pathlib.Path(checkpoint).name or str(checkpoint)
     return {"folder": folder, "label": label, "mean_face_folder": mean_face_folder,
-            "crop_fallbacks": report.crop_fallbacks}
+            "crop_fallbacks": report.crop_fallbacks,
+            "crop_corrections": report.crop_corrections}
 
 
 def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
@@ -107,7 +111,8 @@ def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
     `recon.inference.load_predictor`. With a checkpoint, the mean face (the model's FLAME
     template) is scored on the same images: results.json "mean_face" and the table's
     "mean face" rows; images cropped without detected landmarks are listed in
-    results.json "crop_fallbacks".
+    results.json "crop_fallbacks", those whose landmarks were moved onto NoW's box in
+    "crop_corrections".
     """
     if request.unit not in ("mm", "cm", "m"):
         raise ValueError(f"--unit must be mm, cm or m, got {request.unit!r}")
@@ -125,9 +130,10 @@ def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if request.split == "test":
-        if predicted is not None and predicted["crop_fallbacks"]:
-            now_io.write_file(output / "crop_fallbacks.json",
-                              json.dumps(predicted["crop_fallbacks"], indent=1) + "\n")
+        for name in ("crop_fallbacks", "crop_corrections"):
+            if predicted is not None and predicted[name]:
+                now_io.write_file(output / f"{name}.json",
+                                  json.dumps(predicted[name], indent=1) + "\n")
         out("--now-split test: predictions exported for submission, not scored (the test scans "
             "are held by the NoW maintainers)")
         return 0
@@ -157,7 +163,8 @@ def run(request: EvalRequest, *, predictor_factory: Optional[Callable] = None,
             pool.shutdown()
     written = scoring.write_outputs(
         output, methods, mean_face=mean_face,
-        crop_fallbacks=None if predicted is None else predicted["crop_fallbacks"])
+        crop_fallbacks=None if predicted is None else predicted["crop_fallbacks"],
+        crop_corrections=None if predicted is None else predicted["crop_corrections"])
     out(scoring.format_table(methods + ([mean_face] if mean_face is not None else [])))
     for method in methods:
         if method.missing:

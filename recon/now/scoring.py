@@ -245,13 +245,15 @@ def challenge_summaries(results: MethodResults) -> dict:
 
 
 def results_dict(results: MethodResults, *, mean_face: Optional[MethodResults] = None,
-                 crop_fallbacks: Optional[Sequence[str]] = None) -> dict:
+                 crop_fallbacks: Optional[Sequence[str]] = None,
+                 crop_corrections: Optional[Sequence[str]] = None) -> dict:
     """The fixed results.json structure.
 
     mean_face: the FLAME template scored on the same images (eval.py with a checkpoint):
     adds "mean_face": {median_mm, mean_mm, std_mm, per_challenge}. crop_fallbacks: the images
     cropped from NoW's box without detected landmarks (`recon.now.predict`): adds
-    "crop_fallbacks" (sorted keys).
+    "crop_fallbacks" (sorted keys). crop_corrections: the images whose detected landmarks were
+    moved onto NoW's box: adds "crop_corrections" (sorted keys).
     """
     out = {
         "all": summary(results.all_distances()),
@@ -268,6 +270,8 @@ def results_dict(results: MethodResults, *, mean_face: Optional[MethodResults] =
                             "per_challenge": challenge_summaries(mean_face)}
     if crop_fallbacks is not None:
         out["crop_fallbacks"] = sorted(crop_fallbacks)
+    if crop_corrections is not None:
+        out["crop_corrections"] = sorted(crop_corrections)
     return out
 
 
@@ -289,8 +293,9 @@ def format_table(methods: Sequence[MethodResults]) -> str:
 
 def write_outputs(output_dir: os.PathLike, methods: Sequence[MethodResults], *,
                   mean_face: Optional[MethodResults] = None,
-                  crop_fallbacks: Optional[Sequence[str]] = None) -> list[pathlib.Path]:
-    """DIR/results.json (first method, with `mean_face` / `crop_fallbacks` when given, see
+                  crop_fallbacks: Optional[Sequence[str]] = None,
+                  crop_corrections: Optional[Sequence[str]] = None) -> list[pathlib.Path]:
+    """DIR/results.json (first method, with `mean_face` / `crop_*` lists when given, see
     `results_dict`), DIR/<label>/results.json for each method when there are several, and
     DIR/cumulative_error.png with every method (and the mean face). Returns the written paths."""
     from recon.now import plotting
@@ -301,7 +306,8 @@ def write_outputs(output_dir: os.PathLike, methods: Sequence[MethodResults], *,
     if len(methods) > 1:
         targets += [(output_dir / m.label / RESULTS_FILE, m, False) for m in methods]
     for path, method, first in targets:
-        extras = dict(mean_face=mean_face, crop_fallbacks=crop_fallbacks) if first else {}
+        extras = dict(mean_face=mean_face, crop_fallbacks=crop_fallbacks,
+                      crop_corrections=crop_corrections) if first else {}
         now_io.write_file(path, json.dumps(results_dict(method, **extras), indent=1) + "\n")
         written.append(path)
     plot_path = output_dir / PLOT_FILE
