@@ -4,12 +4,15 @@ behind `recon.now.predict.MAX_BOX_DEVIATION`.
     python scripts/now_crop_check.py --checkpoint runs/wide --out runs/now_crop_check
     [--now-root ~/NoW]   (default: the built-in synthetic split)
 
-One model predicts the validation images three times, with three crop sources, and the three
+One model predicts the validation images five times, with five crop sources, and the five
 prediction folders are scored in one `eval.py --predictions` run (`OUT/scores/`):
   unchecked: every detection used as found (no-face images: the template placed on NoW's box);
   checked:   `crop_sources` as eval.py uses it (strays moved onto NoW's box, "crop_corrections");
-  template:  as checked, but a stray detection is replaced by the template placed on the box.
-It also prints, per challenge, each folder's median and how many images were corrected.
+  template:  as checked, but a stray detection is replaced by the template placed on the box;
+  refined:   as checked, then the untrusted crops cut again from the model's own landmarks
+             (`refine_sources`, what eval.py does);
+  refined_all: the same without the box check of the model's landmarks.
+It also prints the split's box relation and how many images were corrected and refined.
 Landmark crops need the `photo` extra (mediapipe) unless the landmarks are cached.
 """
 
@@ -66,10 +69,19 @@ def main(argv=None) -> int:
                                     if source.box_corrected)
     print(f"relation {relation}; corrected per challenge: {dict(corrected)}")
     folders = []
+    refined = predict.refine_sources(root, entries, checked, predictor)
+    try:
+        predict.MAX_BOX_DEVIATION = float("inf")
+        refined_all = predict.refine_sources(root, entries, checked, predictor)
+    finally:
+        predict.MAX_BOX_DEVIATION = threshold
+    print(f"refined {sum(source.refined for source in refined)} of "
+          f"{sum(source.fallback or source.box_corrected for source in checked)} crops")
     for name, sources in (("unchecked", unchecked), ("checked", checked),
-                          ("template", replaced)):
+                          ("template", replaced), ("refined", refined),
+                          ("refined_all", refined_all)):
         folder = out / name
-        predict.predict_split(root, entries, predictor, folder, sources=sources)
+        predict.predict_split(root, entries, predictor, folder, sources=sources, refine=False)
         folders.append(str(folder))
     request = cli.EvalRequest(now_root=str(root), predictions=tuple(folders),
                               output=str(out / "scores"))

@@ -546,6 +546,60 @@ def test_crop_sources_move_stray_detections_onto_the_box(tmp_path, synthetic_mod
                                ratio[0] * (original[1:] - original[0]), atol=1e-3)
 
 
+def test_refine_sources_recrop_untrusted_faces_from_the_models_landmarks(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(6)
+    spec = crop_lib.CropSpec(anchor="dlib_five_points", size=150)
+    template = crop_lib.reference_points(rng.normal(0.0, 0.04, (68, 3)) * [1.0, 1.2, 0.5])
+    entries, sources = [], []
+    for index in range(10):
+        entry = now_io.ImageEntry(f"S{index:02d}", "multiview_occlusions", "IMG_0000.jpg")
+        path = predict.image_path(tmp_path, entry)
+        path.parent.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(path)
+        box = np.array([40.0 + index, 30.0, 150.0 + index, 160.0])
+        points = predict.place_on_box(template, box)
+        entries.append(entry)
+        sources.append(predict.CropSource(box=box, landmarks=points,
+                                          box_corrected=index == 8, fallback=index == 9))
+
+    class FakePredictor:  # its landmarks: the same crop points for every crop
+        crop = spec
+
+        def __init__(self, crop_points):
+            self.crop_points = crop_points
+            self.calls = 0
+
+        def __call__(self, images):
+            assert images.shape[1:] == (150, 150, 3)
+            self.calls += 1
+            return len(images)
+
+        def landmarks_2d(self, count):
+            return np.broadcast_to(self.crop_points, (count, 68, 2))
+
+    # The model's landmarks: the template's, 2 % larger and 3 px off in the crop.
+    chip = predict.load_crop(tmp_path, entries[8], spec, sources[8])
+    crop_points = (chip.to_crop(sources[8].landmarks) - 75.0) * 1.02 + 75.0 + [3.0, 0.0]
+    model = FakePredictor(crop_points)
+    refined = predict.refine_sources(tmp_path, entries, sources, model)
+    assert model.calls == 1  # the two untrusted crops in one batch
+    for index in range(8):
+        assert refined[index] is sources[index]
+    for index in (8, 9):
+        assert refined[index].refined and refined[index].box is sources[index].box
+        first = predict.load_crop(tmp_path, entries[index], spec, sources[index])
+        np.testing.assert_allclose(refined[index].landmarks, first.to_image(crop_points),
+                                   atol=1e-6)
+        assert refined[index].fallback == sources[index].fallback
+    # Landmarks far off NoW's box (half the face's size) are not used.
+    shrunk = FakePredictor((crop_points - 75.0) * 0.5 + 75.0)
+    kept = predict.refine_sources(tmp_path, entries, sources, shrunk)
+    assert [source.refined for source in kept] == [False] * 10
+    assert all(a is b for a, b in zip(kept, sources))
+
+
 # ----------------------------------------------------------------------------- a tiny model
 
 @pytest.fixture(scope="module")
@@ -765,3 +819,15 @@ def test_now_evaluator_scores_the_state_and_marks_the_best(tiny_split, tiny_mode
     with pytest.raises(ValueError, match="test scans"):
         now_eval.NowEvaluator(types.SimpleNamespace(**{**vars(options), "eval": EvalOptions(
             now_root=str(root), now_split="test")}), tiny_model.model, synthetic_model, tmp_path)
+
+
+def test_predictor_landmarks_are_the_photo_paths(tiny_model):
+    from recon.photo import fitting
+
+    predictor = tiny_model.predictor
+    crops = np.random.default_rng(1).uniform(0, 1, (2, 64, 64, 3)).astype(np.float32)
+    code = predictor(crops)
+    points = np.asarray(predictor.landmarks_2d(code))
+    assert points.shape == (2, 68, 2) and np.all(np.isfinite(points))
+    expected = np.asarray(fitting.landmarks_2d(code, predictor.flame, image_size=64))
+    np.testing.assert_allclose(points, expected, atol=1e-4)

@@ -28,8 +28,13 @@ Each image is read with `recon.image.read_image` and cut with the predictor's ow
     (`PredictionReport.crop_corrections`).
     No face: the landmarks of the predictor's FLAME template (zero code) projected
     orthographically (`recon.image.crop.reference_points`), placed on NoW's box the same way,
-    then the same landmark crop. Such images are listed in `PredictionReport.crop_fallbacks`
-    (eval.py prints both lists and writes them to results.json).
+    then the same landmark crop. Such images are listed in `PredictionReport.crop_fallbacks`.
+    eval.py prints both lists and writes them to results.json.
+    Refinement, off by default (`predict_split(refine=True)`, `refine_sources`): each of these
+    untrusted crops is cut again from the landmarks the model itself predicts from it, when they
+    pass the same box check (`PredictionReport.crop_refined`). Measured with
+    `scripts/now_crop_check.py` on the built-in split it helped one model's occlusion images
+    and cost another's a little (README "NoW"), so eval.py does not use it.
 """
 
 from __future__ import annotations
@@ -70,23 +75,28 @@ class CropSource:
       fallback: True when no face was detected and the landmarks are the template's.
       box_corrected: True when the detected landmarks strayed from NoW's box and were moved
         onto it (`place_on_box`).
+      refined: True when the landmarks are the model's own, predicted from the crop of the
+        fallback or corrected landmarks (`refine_sources`).
     """
 
     box: np.ndarray
     landmarks: Optional[np.ndarray] = None
     fallback: bool = False
     box_corrected: bool = False
+    refined: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictionReport:
     """written: the keys predicted (`subject/challenge/image`), in order; crop_fallbacks: the
     keys whose crop came from NoW's box through the template's landmarks (no face detected);
-    crop_corrections: the keys whose detected landmarks were moved onto NoW's box."""
+    crop_corrections: the keys whose detected landmarks were moved onto NoW's box;
+    crop_refined: the keys of either kind cropped again from the model's own landmarks."""
 
     written: list
     crop_fallbacks: list
     crop_corrections: list = dataclasses.field(default_factory=list)
+    crop_refined: list = dataclasses.field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- paths and files
@@ -294,6 +304,40 @@ def _detect_into_cache(root, entries, boxes, points, todo, folder, spec, detecto
             bar.update(1)
 
 
+def refine_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
+                   sources: Sequence[CropSource], predictor, *, batch_size: int = 16
+                   ) -> list[CropSource]:
+    """`sources` with each untrusted crop (template fallback or box-corrected detection)
+    re-made from the model's own 68 landmarks: the model predicts from that first crop, its
+    posed landmarks (`Predictor.landmarks_2d`) go back to the image (`Crop.to_image`) and cut
+    the crop again, as its training crops were cut from a face's landmarks (one pass). A
+    refinement whose landmark box strays from NoW's box by more than MAX_BOX_DEVIATION (the
+    split's relation, as for detections) is not used."""
+    sources = list(sources)
+    todo = [index for index, source in enumerate(sources)
+            if source.landmarks is not None and (source.fallback or source.box_corrected)]
+    if not todo:
+        return sources
+    relation = measure_box_relation([(source.landmarks, source.box) for source in sources
+                                     if source.landmarks is not None and not source.fallback])
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        crops = [load_crop(root, entries[index], predictor.crop, sources[index])
+                 for index in chunk]
+        images = np.stack([crop.image for crop in crops])
+        if len(images) < batch_size:  # one compiled shape
+            padding = np.zeros((batch_size - len(images),) + images.shape[1:], images.dtype)
+            images = np.concatenate([images, padding])
+        predicted = np.asarray(predictor.landmarks_2d(predictor(images)), np.float64)
+        for index, crop, points in zip(chunk, crops, predicted):
+            points = crop.to_image(points)
+            if np.all(np.isfinite(points)) and \
+                    box_deviation(points, sources[index].box, relation) <= MAX_BOX_DEVIATION:
+                sources[index] = dataclasses.replace(sources[index], landmarks=points,
+                                                     refined=True)
+    return sources
+
+
 def load_crop(root: os.PathLike, entry: now_io.ImageEntry, spec: crop_lib.CropSpec,
               source: CropSource) -> crop_lib.Crop:
     """The `spec` crop of one NoW image (`recon.image.crop_image`)."""
@@ -307,13 +351,16 @@ def predict_split(root: os.PathLike, entries: Sequence[now_io.ImageEntry], predi
                   out_dir: os.PathLike, *, sources: Optional[Sequence[CropSource]] = None,
                   batch_size: int = 16, progress: bool = True,
                   cache_dir: Optional[os.PathLike] = None,
-                  detector_factory: Optional[Callable] = None) -> PredictionReport:
+                  detector_factory: Optional[Callable] = None,
+                  refine: bool = False) -> PredictionReport:
     """Crop, predict and write every entry.
 
     predictor: a `recon.inference.Predictor` (`.crop`, `.flame`, `predictor(crops) -> Code`,
-    `.mesh(code, neutral=True)`). sources: the entries' `CropSource`s when the caller keeps
-    them (training evaluates the same images at every step); default `crop_sources(...)`.
-    Every batch holds `batch_size` crops (the last one padded), so the predictor compiles once.
+    `.mesh(code, neutral=True)`, `.landmarks_2d(code)`). sources: the entries' `CropSource`s
+    when the caller keeps them (training evaluates the same images at every step); default
+    `crop_sources(...)`. refine: re-crop the untrusted faces (fallback or box-corrected) from
+    this model's own landmarks first (`refine_sources`). Every batch holds `batch_size` crops
+    (the last one padded), so the predictor compiles once.
     """
     from tqdm import tqdm
 
@@ -324,6 +371,8 @@ def predict_split(root: os.PathLike, entries: Sequence[now_io.ImageEntry], predi
                                progress=progress)
     if len(sources) != len(entries):
         raise ValueError(f"got {len(sources)} crop sources for {len(entries)} entries")
+    if refine:
+        sources = refine_sources(root, entries, sources, predictor, batch_size=batch_size)
     faces = np.asarray(predictor.flame.faces)
     batch_size = max(1, min(batch_size, len(entries)))
     written = []
@@ -343,8 +392,9 @@ def predict_split(root: os.PathLike, entries: Sequence[now_io.ImageEntry], predi
             bar.update(len(chunk))
     fallbacks = [entry.key for entry, source in zip(entries, sources) if source.fallback]
     corrections = [entry.key for entry, source in zip(entries, sources) if source.box_corrected]
+    refined = [entry.key for entry, source in zip(entries, sources) if source.refined]
     return PredictionReport(written=written, crop_fallbacks=fallbacks,
-                            crop_corrections=corrections)
+                            crop_corrections=corrections, crop_refined=refined)
 
 
 def mean_face(flame) -> tuple[np.ndarray, np.ndarray]:
