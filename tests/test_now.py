@@ -505,7 +505,7 @@ def test_crop_sources_move_stray_detections_onto_the_box(tmp_path, synthetic_mod
     rng = np.random.default_rng(4)
     relation = predict.BoxRelation(scale=1.05, shift=(0.0, 0.04))
     entries = [now_io.ImageEntry(f"S{i:02d}", "multiview_neutral", "IMG_0000.jpg")
-               for i in range(11)]
+               for i in range(12)]
     folder = predict.landmark_cache_dir(tmp_path / "now", entries, tmp_path / "cache")
     cached = {}
     for index, entry in enumerate(entries):
@@ -517,6 +517,8 @@ def test_crop_sources_move_stray_detections_onto_the_box(tmp_path, synthetic_mod
             points = (points - points.mean(0)) * 0.5 + points.mean(0) + [25.0, 0.0]
         if index == 10:
             points = np.zeros((0, 2))  # no face
+        if index == 11:
+            points = np.full((68, 2), 90.0)  # collapsed to a point: no face either
         cached[entry.key] = points
         now_io.write_file(folder / entry.relative(".npy"),
                           lambda handle, array=points.astype(np.float32): np.save(handle, array))
@@ -531,10 +533,11 @@ def test_crop_sources_move_stray_detections_onto_the_box(tmp_path, synthetic_mod
     for source, entry in zip(sources[:9], entries):  # consistent detections are used as they are
         assert not source.fallback and not source.box_corrected
         np.testing.assert_allclose(source.landmarks, cached[entry.key], atol=1e-4)
-    stray, missing = sources[9], sources[10]
+    stray, missing, collapsed = sources[9], sources[10], sources[11]
     assert stray.box_corrected and not stray.fallback
     assert missing.fallback and not missing.box_corrected
-    for source in (stray, missing):  # both sit on NoW's box as the measured relation says
+    assert collapsed.fallback and np.all(np.isfinite(collapsed.landmarks))
+    for source in (stray, missing, collapsed):  # both sit on NoW's box as the measured relation says
         scale, shift = predict.relation_of(source.landmarks, source.box)
         np.testing.assert_allclose([scale, *shift], [1.05, 0.0, 0.04], atol=1e-3)
     # The stray detection keeps its own shape (a scale and a shift of it, no rotation).
