@@ -25,7 +25,7 @@ regression on the frozen descriptors: `workdir/evaluation.json`, `evaluation.png
 Measured (quiet 2-core CPU, 2026-12-07; README "Training the regressor"): held-out
 vertex_error_mm 9.607 -> 7.802 -> 7.077 mm against 9.532 mm for the mean face (0.742 x) and
 7.844 mm for the ridge read-out; face region 4.553 mm against 6.687 mm (0.681 x); landmark
-error 16.1 -> 5.6 px. From a fresh clone with empty caches: see the README (about 11 minutes,
+error 16.1 -> 5.6 px. From a fresh clone with empty caches: see the README (11 to 13 minutes,
 peak RSS 4.4 GiB).
 
 `:wide` (README "A wider scene distribution"): scenes as wide as the built-in NoW split's

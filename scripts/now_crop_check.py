@@ -53,14 +53,8 @@ def main(argv=None) -> int:
     relation = predict.measure_box_relation(
         [(source.landmarks, source.box) for source in checked if not source.fallback])
     template = predict.template_points(predictor.flame)
-    # The detections as found: undo the correction from the cache (crop_sources reads it again).
-    threshold = predict.MAX_BOX_DEVIATION
-    try:
-        predict.MAX_BOX_DEVIATION = float("inf")
-        unchecked = predict.crop_sources(root, entries, predictor.crop, predictor.flame,
-                                         progress=False)
-    finally:
-        predict.MAX_BOX_DEVIATION = threshold
+    unchecked = predict.crop_sources(root, entries, predictor.crop, predictor.flame,
+                                     progress=False, max_box_deviation=float("inf"))
     replaced = [dataclasses.replace(source, box_corrected=False, fallback=True,
                                     landmarks=predict.fallback_landmarks(template, source.box,
                                                                          relation))
@@ -70,11 +64,8 @@ def main(argv=None) -> int:
     print(f"relation {relation}; corrected per challenge: {dict(corrected)}")
     folders = []
     refined = predict.refine_sources(root, entries, checked, predictor)
-    try:
-        predict.MAX_BOX_DEVIATION = float("inf")
-        refined_all = predict.refine_sources(root, entries, checked, predictor)
-    finally:
-        predict.MAX_BOX_DEVIATION = threshold
+    refined_all = predict.refine_sources(root, entries, checked, predictor,
+                                         max_box_deviation=float("inf"))
     print(f"refined {sum(source.refined for source in refined)} of "
           f"{sum(source.fallback or source.box_corrected for source in checked)} crops")
     for name, sources in (("unchecked", unchecked), ("checked", checked),

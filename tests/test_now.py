@@ -540,6 +540,12 @@ def test_crop_sources_move_stray_detections_onto_the_box(tmp_path, synthetic_mod
     for source in (stray, missing, collapsed):  # both sit on NoW's box as the measured relation says
         scale, shift = predict.relation_of(source.landmarks, source.box)
         np.testing.assert_allclose([scale, *shift], [1.05, 0.0, 0.04], atol=1e-3)
+    # With no check every detection is used as found.
+    unchecked = predict.crop_sources(tmp_path / "now", entries, spec, synthetic_model,
+                                     cache_dir=tmp_path / "cache", detector_factory=no_detector,
+                                     progress=False, max_box_deviation=float("inf"))
+    assert not any(source.box_corrected for source in unchecked)
+    np.testing.assert_allclose(unchecked[9].landmarks, cached[entries[9].key], atol=1e-4)
     # The stray detection keeps its own shape (a scale and a shift of it, no rotation).
     original = cached[entries[9].key]
     ratio = (np.linalg.norm(stray.landmarks[1:] - stray.landmarks[0], axis=1)

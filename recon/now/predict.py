@@ -247,8 +247,8 @@ def best_face_landmarks(faces: Sequence[detect.Face], box) -> Optional[np.ndarra
 
 def crop_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
                  spec: crop_lib.CropSpec, flame, *, cache_dir: Optional[os.PathLike] = None,
-                 detector_factory: Optional[Callable] = None,
-                 progress: bool = True) -> list[CropSource]:
+                 detector_factory: Optional[Callable] = None, progress: bool = True,
+                 max_box_deviation: float = MAX_BOX_DEVIATION) -> list[CropSource]:
     """The `CropSource` of every entry for crops of `spec` (see the module docstring).
 
     flame: the predictor's FLAME model (its template gives the no-face fallback).
@@ -256,6 +256,8 @@ def crop_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
     detector_factory: () -> a `FaceDetector`-like context manager (default `FaceDetector`);
     called only when some image's landmarks are not cached. Raises `PhotoExtraMissing` naming
     the install command when mediapipe is needed and absent.
+    max_box_deviation: detections straying further from NoW's box are moved onto it (inf: every
+    detection is used as found).
     """
     boxes = [now_io.face_box_array(now_io.read_face_box(face_box_path(root, entry)))
              for entry in entries]
@@ -275,7 +277,7 @@ def crop_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
     for box, found in zip(boxes, points):
         if len(found) and _has_extent(found):
             found = found.astype(np.float64)
-            if box_deviation(found, box, relation) <= MAX_BOX_DEVIATION:
+            if box_deviation(found, box, relation) <= max_box_deviation:
                 sources.append(CropSource(box=box, landmarks=found))
             else:
                 sources.append(CropSource(box=box, landmarks=place_on_box(found, box, relation),
@@ -313,14 +315,14 @@ def _detect_into_cache(root, entries, boxes, points, todo, folder, spec, detecto
 
 
 def refine_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
-                   sources: Sequence[CropSource], predictor, *, batch_size: int = 16
-                   ) -> list[CropSource]:
+                   sources: Sequence[CropSource], predictor, *, batch_size: int = 16,
+                   max_box_deviation: float = MAX_BOX_DEVIATION) -> list[CropSource]:
     """`sources` with each untrusted crop (template fallback or box-corrected detection)
     re-made from the model's own 68 landmarks: the model predicts from that first crop, its
     posed landmarks (`Predictor.landmarks_2d`) go back to the image (`Crop.to_image`) and cut
     the crop again, as its training crops were cut from a face's landmarks (one pass). A
-    refinement whose landmark box strays from NoW's box by more than MAX_BOX_DEVIATION (the
-    split's relation, as for detections) is not used."""
+    refinement whose landmark box strays from NoW's box by more than `max_box_deviation` (the
+    split's relation, as for detections; inf: no check) is not used."""
     sources = list(sources)
     todo = [index for index, source in enumerate(sources)
             if source.landmarks is not None and (source.fallback or source.box_corrected)]
@@ -340,7 +342,7 @@ def refine_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
         for index, crop, points in zip(chunk, crops, predicted):
             points = crop.to_image(points)
             if np.all(np.isfinite(points)) and \
-                    box_deviation(points, sources[index].box, relation) <= MAX_BOX_DEVIATION:
+                    box_deviation(points, sources[index].box, relation) <= max_box_deviation:
                 sources[index] = dataclasses.replace(sources[index], landmarks=points,
                                                      refined=True)
     return sources
