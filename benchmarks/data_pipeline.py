@@ -162,16 +162,13 @@ def main():
     model = flame_jax.synthetic()
     config = synthetic.SyntheticConfig(crop=crop_lib.CropSpec(size=args.image_size))
     if args.default:
-        import importlib.util
         import pathlib
 
-        path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
-        spec = importlib.util.spec_from_file_location("config_default", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        from recon.options import load_config_file
         from recon.training.regressor.options import read_options
 
-        config = sources.synthetic_config(read_options(module.get_config("")).data)
+        path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
+        config = sources.synthetic_config(read_options(load_config_file(path)).data)
     host = synthetic.HostModel.from_model(model)
     print(json.dumps(dict(kind="machine", backend=jax.default_backend(),
                           devices=str(jax.devices()), cpus=os.cpu_count(),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import pathlib
 import resource
 import sys
@@ -45,6 +44,7 @@ from recon import objective, render
 from recon.image import crop as crop_lib
 from recon.image import preprocess
 from recon.model import build
+from recon.options import load_config_file
 from recon.render import shading
 from recon.training import sharding
 from recon.training.regressor import loop, options as options_lib, step as step_lib
@@ -57,10 +57,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str):
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("")
+    return load_config_file(REPO / "configs" / f"{name}.py")
 
 
 def peak_memory_bytes() -> tuple[int, str]:

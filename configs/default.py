@@ -34,19 +34,16 @@ held-out 7.635 mm against 9.532 (0.801 x), ridge 8.343; NoW (built-in split) 0.9
 the mean face's 1.048, below it on every challenge but occlusions.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
+from recon.options import load_config_file
+
 
 def _coma_config(arg: str) -> ml_collections.ConfigDict:
     """configs/coma.py's config (the CoMA encoder of the 3D-ID loss), read from beside us."""
-    path = pathlib.Path(__file__).with_name("coma.py")
-    spec = importlib.util.spec_from_file_location("configs_coma", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(pathlib.Path(__file__).with_name("coma.py"), arg)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

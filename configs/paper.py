@@ -32,16 +32,13 @@ on registrations with configs/coma.py), checked against the run's mesh topology.
 Runtime: not measured here (no GPU was lent); the per-step cost is in benchmarks/train_step.py.
 """
 
-import importlib.util
 import pathlib
+
+from recon.options import load_config_file
 
 
 def _default_config(arg: str):
-    path = pathlib.Path(__file__).with_name("default.py")
-    spec = importlib.util.spec_from_file_location("configs_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(pathlib.Path(__file__).with_name("default.py"), arg)
 
 
 def get_config(arg: str = ""):

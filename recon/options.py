@@ -12,11 +12,26 @@ fails instead of being ignored).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import pathlib
 import types
 import typing
 from typing import Any, Mapping, Type, TypeVar
 
 T = TypeVar("T")
+
+
+def load_config_file(path: os.PathLike, arg: str = ""):
+    """The `get_config(arg)` of a config file, as `train.py --config path:arg` reads it (configs
+    that build on a sibling file, tests, scripts and benchmarks load them this way)."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"config_file_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{path}: not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def _as_mapping(config: Any, where: str) -> Mapping[str, Any]:

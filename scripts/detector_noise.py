@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import sys
@@ -28,12 +27,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _default_options():
-    spec = importlib.util.spec_from_file_location("config_default", REPO / "configs" / "default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from recon.options import load_config_file
     from recon.training.regressor.options import read_options
 
-    return read_options(module.get_config(""))
+    return read_options(load_config_file(REPO / "configs" / "default.py"))
 
 
 def crop_change(reference: np.ndarray, other: np.ndarray, size: int) -> tuple:

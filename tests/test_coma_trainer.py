@@ -20,6 +20,7 @@ import trimesh
 
 import flame_jax
 import spectral_gcn
+from recon.options import load_config_file
 from recon.training import coma as coma_trainer
 from recon.training import checkpoints, guard, metrics as metrics_lib, sharding
 from spectral_gcn import checkpoint, data, mesh
@@ -29,10 +30,7 @@ STEPS = 5  # checkpoints at step 2 and 4 (smoke: checkpoint_every=2), and the fi
 
 
 def _config(cache_dir, arg="smoke"):
-    spec = importlib.util.spec_from_file_location("coma_config", REPO / "configs" / "coma.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
+    config = load_config_file(REPO / "configs" / "coma.py", arg)
     config.steps = STEPS
     config.cache_dir = str(cache_dir)
     return config

@@ -8,7 +8,6 @@ network, 3D-ID encoder, shape consistency) about twice as fast on a CPU, which i
 is about; the numbers it checks do not depend on it.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import flame_jax
 import spectral_gcn
 from recon.data import mica
 from recon.model.arcface_import import import_arcface
+from recon.options import load_config_file
 from recon.training import coma_cache, fakes
 from recon.training.regressor import loop
 
@@ -32,10 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _paper_config(arg: str = "smoke"):
-    spec = importlib.util.spec_from_file_location("config_paper", REPO / "configs" / "paper.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(REPO / "configs" / "paper.py", arg)
 
 
 @pytest.fixture(scope="module")

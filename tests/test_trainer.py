@@ -8,7 +8,6 @@ terms) that compiles in seconds; the end-to-end test runs the default's own arch
 every loss.
 """
 
-import importlib.util
 import json
 import pathlib
 
@@ -23,6 +22,7 @@ from scipy.spatial.transform import Rotation
 from recon import evaluation, inference
 from recon.data import sources
 from recon.model import build
+from recon.options import load_config_file
 from recon.training import sharding
 from recon.training.regressor import loop, options as options_lib, step as step_lib
 
@@ -30,10 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_config(name: str, arg: str = "smoke") -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return load_config_file(REPO / "configs" / f"{name}.py", arg)
 
 
 @pytest.fixture(scope="module")
