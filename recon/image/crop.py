@@ -163,11 +163,49 @@ def box_from_landmarks(landmarks_68, forehead: float = BOX_FOREHEAD_FRACTION) ->
     return np.array([low[0], low[1] - forehead * (high[1] - low[1]), high[0], high[1]])
 
 
+@dataclasses.dataclass(frozen=True)
+class BoxRelation:
+    """Where a split's face boxes sit on the boxes of their detected landmarks
+    (`box_from_landmarks`), in units of the landmark box's mean side: NoW's box side = `scale` x
+    the landmark box's; its centre = the landmark box's centre + `shift` x that side. The
+    default (1, (0, 0)) takes NoW's box as the landmark box itself."""
+
+    scale: float = 1.0
+    shift: tuple = (0.0, 0.0)
+
+
+def centre_and_side(box) -> tuple[np.ndarray, float]:
+    """(centre (2,), mean side) of a box [x0, y0, x1, y1]."""
+    box = np.asarray(box, np.float64)
+    return (box[:2] + box[2:]) / 2.0, float((box[2] - box[0]) + (box[3] - box[1])) / 2.0
+
+
+def place_on_box(points: np.ndarray, box, relation: BoxRelation = BoxRelation()) -> np.ndarray:
+    """(68, 2) `points` scaled about their landmark box's centre and shifted (no rotation)
+    until `box` [x0, y0, x1, y1] sits on their landmark box as `relation` says."""
+    points = np.asarray(points, np.float64)
+    centre, side = centre_and_side(box_from_landmarks(points))
+    box_centre, box_side = centre_and_side(check_box(box))
+    new_side = box_side / relation.scale
+    new_centre = box_centre - np.asarray(relation.shift) * new_side
+    return (points - centre) * (new_side / side) + new_centre
+
+
 def reference_points(points_3d, pixels_per_metre: float = 1000.0) -> np.ndarray:
     """(N, 2) image points of model-frame points (N, 3) (metres, y up) in the reference photo
     frame of `crop_camera`: u = k x, v = -k y (k = pixels_per_metre; orthographic)."""
     points = np.asarray(points_3d, np.float64)
     return np.stack([pixels_per_metre * points[:, 0], -pixels_per_metre * points[:, 1]], -1)
+
+
+def template_points(flame) -> np.ndarray:
+    """(68, 2) the FLAME template's landmarks (zero code) in the reference photo frame
+    (`recon.image.crop.reference_points`: orthographic, 1000 px per metre)."""
+    import flame_jax
+
+    params = flame_jax.FlameParams.zeros(1, flame)
+    landmarks = np.asarray(flame_jax.forward(flame, params).landmarks[0], np.float64)
+    return reference_points(landmarks)
 
 
 def crop_camera(matrix, size: int, pixels_per_metre: float = 1000.0
@@ -196,11 +234,7 @@ def template_camera(spec: CropSpec, flame) -> tuple:
     starting camera). The template's landmarks (and, for box crops, the detector-like box around
     them, `box_from_landmarks`) define the crop as they would for a photo; the template is
     frontal, so the fitted roll is ~0 and dropped."""
-    import flame_jax
-
-    params = flame_jax.FlameParams.zeros(1, flame)
-    landmarks = np.asarray(flame_jax.forward(flame, params).landmarks[0], np.float64)
-    points = reference_points(landmarks)
+    points = template_points(flame)
     matrix = crop_matrix(spec, box=box_from_landmarks(points), landmarks=points)
     _, camera = crop_camera(matrix, spec.size)
     return tuple(round(float(value), 6) for value in camera)

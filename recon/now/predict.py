@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from recon.image import crop as crop_lib
+from recon.image.crop import BoxRelation, centre_and_side, place_on_box, template_points
 from recon.image import detect
 from recon.image.io import ImageReadError, read_image
 from recon.now import io as now_io
@@ -147,42 +148,16 @@ def _read_cached_landmarks(path: pathlib.Path) -> Optional[np.ndarray]:
 
 # ----------------------------------------------------------------------------- crops
 
-def template_points(flame) -> np.ndarray:
-    """(68, 2) the FLAME template's landmarks (zero code) in the reference photo frame
-    (`recon.image.crop.reference_points`: orthographic, 1000 px per metre)."""
-    import flame_jax
-
-    params = flame_jax.FlameParams.zeros(1, flame)
-    landmarks = np.asarray(flame_jax.forward(flame, params).landmarks[0], np.float64)
-    return crop_lib.reference_points(landmarks)
-
-
-@dataclasses.dataclass(frozen=True)
-class BoxRelation:
-    """Where a split's face boxes sit on the boxes of their detected landmarks
-    (`box_from_landmarks`), in units of the landmark box's mean side: NoW's box side = `scale` x
-    the landmark box's; its centre = the landmark box's centre + `shift` x that side. The
-    default (1, (0, 0)) takes NoW's box as the landmark box itself."""
-
-    scale: float = 1.0
-    shift: tuple = (0.0, 0.0)
-
-
 def _has_extent(points: np.ndarray) -> bool:
     """Landmarks that span a box (a detection collapsed to a point or a line is no face)."""
     span = np.ptp(np.asarray(points, np.float64), axis=0)
     return bool(np.all(span > 1e-3))
 
 
-def _centre_and_side(box) -> tuple[np.ndarray, float]:
-    box = np.asarray(box, np.float64)
-    return (box[:2] + box[2:]) / 2.0, float((box[2] - box[0]) + (box[3] - box[1])) / 2.0
-
-
 def relation_of(points: np.ndarray, box) -> tuple[float, np.ndarray]:
     """(scale, shift (2,)) of one image: how `box` sits on the box of `points` (68, 2)."""
-    centre, side = _centre_and_side(crop_lib.box_from_landmarks(points))
-    box_centre, box_side = _centre_and_side(crop_lib.check_box(box))
+    centre, side = centre_and_side(crop_lib.box_from_landmarks(points))
+    box_centre, box_side = centre_and_side(crop_lib.check_box(box))
     return box_side / side, (box_centre - centre) / side
 
 
@@ -202,17 +177,6 @@ def box_deviation(points: np.ndarray, box, relation: BoxRelation) -> float:
     scale, shift = relation_of(points, box)
     return max(abs(float(np.log(scale / relation.scale))),
                float(np.max(np.abs(shift - np.asarray(relation.shift)))))
-
-
-def place_on_box(points: np.ndarray, box, relation: BoxRelation = BoxRelation()) -> np.ndarray:
-    """(68, 2) `points` scaled about their landmark box's centre and shifted (no rotation)
-    until `box` [x0, y0, x1, y1] sits on their landmark box as `relation` says."""
-    points = np.asarray(points, np.float64)
-    centre, side = _centre_and_side(crop_lib.box_from_landmarks(points))
-    box_centre, box_side = _centre_and_side(crop_lib.check_box(box))
-    new_side = box_side / relation.scale
-    new_centre = box_centre - np.asarray(relation.shift) * new_side
-    return (points - centre) * (new_side / side) + new_centre
 
 
 def fallback_landmarks(template: np.ndarray, box, relation: BoxRelation = BoxRelation()
