@@ -230,3 +230,63 @@ def test_scene_degradations_name_their_augmentation():
     assert dataclasses.replace(occluders, occluder_probability=0.0) == clean
     with pytest.raises(ValueError, match="degradations must be one of"):
         sources.SceneOptions(degradations="heavy")
+
+
+def test_fallback_crops_place_the_template_on_the_jittered_box(model, host):
+    """fallback_crop_probability = 1: every image is cropped as a prediction crops a face whose
+    landmarks were not found (the template's landmarks scaled and shifted onto the face box, no
+    rotation); every other draw of the image is the same as without fallback crops."""
+    from recon.data import sources
+
+    aligned = _plain_config(box_scale_jitter=0.1, box_shift_jitter=0.05, max_roll_deg=12.0)
+    fallback = dataclasses.replace(aligned, fallback_crop_probability=1.0)
+    scenes = synthetic.sample_scenes(host, aligned, 11, range(2), SEED)
+    scenes_fallback = synthetic.sample_scenes(host, fallback, 11, range(2), SEED)
+    assert scenes.fallback_crop.tolist() == [0.0, 0.0]
+    assert scenes_fallback.fallback_crop.tolist() == [1.0, 1.0]
+    for field in dataclasses.fields(scenes):
+        if field.name != "fallback_crop":
+            np.testing.assert_array_equal(getattr(scenes, field.name),
+                                          getattr(scenes_fallback, field.name))
+
+    # The geometry (host only), with dlib's 5-point chip, the anchor that rotates the crop.
+    dlib_spec = crop_lib.CropSpec(anchor="dlib_five_points", size=150, padding=0.25)
+    aligned = dataclasses.replace(aligned, crop=dlib_spec)
+    fallback = dataclasses.replace(fallback, crop=dlib_spec)
+    landmarks_3d = np.asarray(synthetic.scene_landmarks(model, scenes), np.float64)
+    template = crop_lib.template_points(model)
+    plain = synthetic.crop_geometry(landmarks_3d, scenes, aligned)
+    moved = synthetic.crop_geometry(landmarks_3d, scenes_fallback, fallback, template)
+    for k in range(2):
+        exact_box = crop_lib.box_from_landmarks(crop_lib.reference_points(landmarks_3d[k]))
+        (centre, side), (box_centre, box_side) = (crop_lib.centre_and_side(exact_box),
+                                                  crop_lib.centre_and_side(moved.box[k]))
+        jitter = scenes.box_jitter[k]
+        np.testing.assert_allclose(box_centre, centre + 0.05 * jitter[1:] * (
+            exact_box[2:] - exact_box[:2]), atol=1e-6)
+        assert box_side == pytest.approx(side * (1.0 + 0.1 * float(jitter[0])), rel=1e-6)
+        # The reported points are the template, only scaled and shifted, with their box's
+        # centre and mean side those of the jittered box ...
+        placed_centre, placed_side = crop_lib.centre_and_side(
+            crop_lib.box_from_landmarks(moved.detected[k]))
+        np.testing.assert_allclose(placed_centre, box_centre, atol=1e-6)
+        assert placed_side == pytest.approx(box_side, rel=1e-9)
+        offset = moved.detected[k] - template * (box_side / crop_lib.centre_and_side(
+            crop_lib.box_from_landmarks(template))[1])
+        np.testing.assert_allclose(offset, np.broadcast_to(offset[0], offset.shape), atol=1e-6)
+        # ... and they make the crop, which is not the aligned one.
+        np.testing.assert_allclose(moved.matrix[k], crop_lib.crop_matrix(
+            dlib_spec, box=moved.box[k], landmarks=moved.detected[k]), atol=1e-9)
+        assert np.abs(moved.matrix[k] - plain.matrix[k]).max() > 1e-2
+    with pytest.raises(ValueError, match="template"):
+        synthetic.crop_geometry(landmarks_3d, scenes_fallback, fallback)
+    with pytest.raises(ValueError, match="fallback_crop_probability"):
+        sources.SceneOptions(fallback_crop_probability=1.5)
+    # render_batch finds the template itself (the module's shared box-crop compilation).
+    box_fallback = _plain_config(fallback_crop_probability=1.0)
+    _, _, geometry = _render(model, host, box_fallback, 11)
+    scenes_box = synthetic.sample_scenes(host, box_fallback, 11, range(2), SEED)
+    expected = synthetic.crop_geometry(
+        np.asarray(synthetic.scene_landmarks(model, scenes_box), np.float64), scenes_box,
+        box_fallback, template)
+    np.testing.assert_allclose(geometry.detected, expected.detected, atol=1e-9)

@@ -385,12 +385,16 @@ def test_scene_and_crop_options_reach_the_synthetic_config():
     assert repr(config) != repr(wide)  # the pool cache key holds repr(config)
     with pytest.raises(ValueError, match="degradations"):
         sources.SceneOptions(degradations="none")
-    # configs/default.py:wide: the default with NoW-wide scenes and occluders, everything else equal.
+    # configs/default.py:wide: the default with NoW-wide scenes and box-only crops on 15 % of
+    # the images, everything else equal.
     wide_run = _load_config("default", "wide")
     wide_config = sources.synthetic_config(options_lib.read_options(wide_run).data)
     assert (wide_config.max_yaw_deg, wide_config.expression_std,
-            wide_config.perspective_probability) == (40.0, 1.0, 0.3)
-    assert wide_config.augment == augment.AugmentConfig.occluders_only()
+            wide_config.perspective_probability,
+            wide_config.fallback_crop_probability) == (40.0, 1.0, 0.3, 0.15)
+    assert wide_config.augment == augment.AugmentConfig.clean()
+    assert sources.synthetic_config(options_lib.read_options(default).data
+                                    ).fallback_crop_probability == 0.0
     assert wide_run.steps == 400 and wide_run.coma == default.coma
     assert wide_run.model == default.model and wide_run.loss == default.loss
     with pytest.raises(ValueError, match="unknown argument"):

@@ -37,6 +37,8 @@ class SceneOptions:
 
     landmark_noise: the detector's landmark error the training crops are made with (a fraction
       of the landmark box side; see `SyntheticConfig`).
+    fallback_crop_probability: the fraction of images cropped from the face box alone, as a
+      prediction crops a face whose landmarks were not found (see `SyntheticConfig`).
     degradations: "full" (`AugmentConfig()`: occluders, blur, noise, JPEG, colour jitter),
       "occluders" (`AugmentConfig.occluders_only()`: occluders, no photo degradations) or
       "clean" (`AugmentConfig.clean()`: none of them; backgrounds stay random).
@@ -50,6 +52,7 @@ class SceneOptions:
     landmark_noise: float = 0.0
     box_scale_jitter: float = 0.12
     box_shift_jitter: float = 0.07
+    fallback_crop_probability: float = 0.0
     perspective_probability: float = 0.5
     lambert_probability: float = 0.4
     specular_probability: float = 0.5
@@ -67,6 +70,9 @@ class SceneOptions:
         if self.landmark_noise < 0:
             raise ValueError(f"data.scene.landmark_noise must be >= 0, got "
                              f"{self.landmark_noise}")
+        if not 0.0 <= self.fallback_crop_probability <= 1.0:
+            raise ValueError(f"data.scene.fallback_crop_probability must be in [0, 1], got "
+                             f"{self.fallback_crop_probability}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +192,14 @@ def make_train_loader(source, options: DataOptions) -> pipeline.BatchIterator:
 
 def eval_pool(flame: flame_jax.FlameModel, options: DataOptions, *, backbone_kind: str,
               cache_dir: str = "") -> pool.PoolSource:
-    """The held-out synthetic subjects (`HELDOUT_SUBJECTS`), rendered once with their crops."""
+    """The held-out synthetic subjects (`HELDOUT_SUBJECTS`), rendered once with their crops.
+
+    Every held-out image is cropped from its landmarks: fallback crops
+    (`SceneOptions.fallback_crop_probability`) are a training augmentation, as a validation
+    set takes the centre crop of a model trained on random crops."""
     start = synthetic.HELDOUT_SUBJECTS.start
+    options = dataclasses.replace(options, scene=dataclasses.replace(
+        options.scene, fallback_crop_probability=0.0))
     return pool.build_pool(flame, synthetic_config(options),
                            range(start, start + options.num_eval_subjects),
                            images_per_subject=options.images_per_subject, seed=options.seed,

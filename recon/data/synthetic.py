@@ -86,6 +86,10 @@ class SyntheticConfig:
       points in x and y, as a fraction of the landmark box's mean side (0: exact landmarks).
     box_scale_jitter: box crops: the detector box's side is scaled by U(1 - j, 1 + j).
     box_shift_jitter: box crops: its centre moves by U(-j, j) box sides in x and y.
+    fallback_crop_probability: chance that an image is cropped as a prediction crops a face
+      whose landmarks were not found (`recon.now.predict`'s fallback): the FLAME template's
+      landmarks placed on the face box (with the box jitter, `recon.image.crop.place_on_box`),
+      so the model also learns faces that the crop does not align (occluded, missed).
     perspective_probability, camera_distance_m: chance of a pinhole-like distortion of the
       image (camera at U(range) metres); the ground-truth meshes are never distorted.
     lambert_probability: chance of Lambert directional + ambient light instead of SH.
@@ -111,6 +115,7 @@ class SyntheticConfig:
     landmark_noise: float = 0.0
     box_scale_jitter: float = 0.12
     box_shift_jitter: float = 0.07
+    fallback_crop_probability: float = 0.0
     perspective_probability: float = 0.5
     camera_distance_m: Tuple[float, float] = (0.4, 3.0)
     lambert_probability: float = 0.4
@@ -142,6 +147,8 @@ class Scenes:
       inverse_distance (N,) 1 / camera distance in 1/m (0: orthographic).
       landmark_noise (N, 68, 2) standard normal draws of the detector's landmark error;
       box_jitter (N, 3) U(-1, 1) draws of its box error (scale, shift x, shift y).
+      fallback_crop (N,) 1 where the crop is made from the face box alone (see
+        `SyntheticConfig.fallback_crop_probability`), else 0.
     """
 
     shape: Array
@@ -164,6 +171,7 @@ class Scenes:
     inverse_distance: Array
     landmark_noise: Array
     box_jitter: Array
+    fallback_crop: Array
 
 
 @struct.dataclass
@@ -337,6 +345,8 @@ def sample_scenes(host: HostModel, config: SyntheticConfig, subject_index: int,
             landmark_noise=rng.normal(0.0, 1.0, (68, 2)).astype(np.float32),
             box_jitter=rng.uniform(-1.0, 1.0, 3).astype(np.float32),
             **_light(rng, config))
+        # Drawn last, so every other draw of the image is the same whatever the probability.
+        row["fallback_crop"] = np.float32(rng.random() < config.fallback_crop_probability)
         rows.append(row)
     return Scenes(**{name: np.stack([np.asarray(row[name], np.float32) for row in rows])
                      for name in rows[0]})
@@ -391,11 +401,13 @@ class CropGeometry:
     camera: np.ndarray
 
 
-def crop_geometry(landmarks_3d: np.ndarray, scenes: Scenes, config: SyntheticConfig
-                  ) -> CropGeometry:
+def crop_geometry(landmarks_3d: np.ndarray, scenes: Scenes, config: SyntheticConfig,
+                  template: Optional[np.ndarray] = None) -> CropGeometry:
     """The crop of each image, made from what a detector would report (see the module
     docstring): the landmarks plus `config.landmark_noise`, the box around them (plus the box
-    jitter for box crops), then `recon.image.crop_matrix` as for a photo."""
+    jitter for box crops), then `recon.image.crop_matrix` as for a photo. Images marked
+    `scenes.fallback_crop` are cropped from the jittered box alone: `template` (68, 2), the
+    template's landmarks (`recon.image.crop.template_points`), placed on it."""
     detected, boxes, matrices, rolls, cameras = [], [], [], [], []
     spec = config.crop
     for index in range(len(landmarks_3d)):
@@ -404,12 +416,17 @@ def crop_geometry(landmarks_3d: np.ndarray, scenes: Scenes, config: SyntheticCon
         points = points + config.landmark_noise * side * np.asarray(
             scenes.landmark_noise[index], np.float64)
         box = crop_lib.box_from_landmarks(points)
-        if spec.anchor == "box":
+        fallback = bool(scenes.fallback_crop[index] > 0)
+        if spec.anchor == "box" or fallback:
             jitter = np.asarray(scenes.box_jitter[index], np.float64)
             centre = (box[:2] + box[2:]) / 2.0 + config.box_shift_jitter * jitter[1:] * (
                 box[2:] - box[:2])
             half = (box[2:] - box[:2]) / 2.0 * (1.0 + config.box_scale_jitter * jitter[0])
             box = np.concatenate([centre - half, centre + half])
+        if fallback:
+            if template is None:
+                raise ValueError("crop_geometry: fallback crops need the template's landmarks")
+            points = crop_lib.place_on_box(template, box)
         matrix = crop_lib.crop_matrix(spec, box=box, landmarks=points)
         roll, camera = crop_lib.crop_camera(matrix, spec.size)
         detected.append(points)
@@ -542,7 +559,9 @@ def render_batch(model: flame_jax.FlameModel, config: SyntheticConfig,
     with a leading (N,) axis, their `CropGeometry`). Raises if the rasterizer overflowed."""
     device_scenes = jax.tree.map(jnp.asarray, scenes)
     landmarks_3d = np.asarray(scene_landmarks(model, device_scenes), np.float64)
-    geometry = crop_geometry(landmarks_3d, scenes, config)
+    template = (crop_lib.template_points(model) if np.any(np.asarray(scenes.fallback_crop) > 0)
+                else None)
+    geometry = crop_geometry(landmarks_3d, scenes, config, template)
     out = render_scenes(model, device_scenes, jnp.asarray(geometry.roll),
                         jnp.asarray(geometry.camera), settings=config.raster_settings)
     out = {field.name: np.asarray(getattr(out, field.name)) for field in dataclasses.fields(out)}
