@@ -282,6 +282,10 @@ def test_fallback_crops_place_the_template_on_the_jittered_box(model, host):
         synthetic.crop_geometry(landmarks_3d, scenes_fallback, fallback)
     with pytest.raises(ValueError, match="fallback_crop_probability"):
         sources.SceneOptions(fallback_crop_probability=1.5)
+    with pytest.raises(ValueError, match="fallback_crop_probability is a synthetic-data option"):
+        sources.make_train_source(model, sources.DataOptions(
+            source="mica", scene=sources.SceneOptions(fallback_crop_probability=0.2)),
+            backbone_kind="dlib")
     # render_batch finds the template itself (the module's shared box-crop compilation).
     box_fallback = _plain_config(fallback_crop_probability=1.0)
     _, _, geometry = _render(model, host, box_fallback, 11)

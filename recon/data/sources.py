@@ -159,6 +159,9 @@ def make_train_source(flame: flame_jax.FlameModel, options: DataOptions, *, back
         if options.pool:
             raise ValueError("data.pool is a synthetic-data option; MICA-format data is read "
                              "from its files (set data.pool=False)")
+        if options.scene.fallback_crop_probability:
+            raise ValueError("data.scene.fallback_crop_probability is a synthetic-data option: "
+                             "MICA-format images come cropped (set it to 0)")
         from recon.data import mica
 
         return mica.MicaDataset(
