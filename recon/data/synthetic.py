@@ -12,7 +12,9 @@ The crop is the run's `recon.image.CropSpec`, made the way prediction makes it: 
 landmarks in a reference photo frame, moved by a detector's error (`landmark_noise`: Gaussian,
 a fraction of the landmark box side, per point and axis; for box crops also the box's
 `box_scale_jitter` / `box_shift_jitter`), give the crop matrix through `recon.image.crop_matrix`
-exactly as a photo's detected landmarks (or box) do; the head is then rendered straight into that
+exactly as a photo's detected landmarks (or box) do (on `fallback_crop_probability` of the
+images, from the jittered box alone, as prediction crops a face it found no landmarks for);
+the head is then rendered straight into that
 crop (`recon.image.crop.crop_camera`: an in-plane roll and a camera; no resampling) at the crop's
 size. The 2D losses' image is that crop resized to `image_size` (`recon.image.preprocess.resize`).
 
