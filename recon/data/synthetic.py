@@ -217,6 +217,7 @@ class HostModel:
     num_texture: int
     face: np.ndarray          # (V,) bool, FLAME's face mask (all False when the model has none)
     no_hair: np.ndarray       # (V,) bool, where hair is never painted (ears, eyes, nose, lips)
+    template_points: np.ndarray  # (68, 2) the template's landmarks (fallback crops' points)
 
     @classmethod
     def from_model(cls, model: flame_jax.FlameModel) -> "HostModel":
@@ -231,7 +232,8 @@ class HostModel:
             return out
 
         face = mask("face")
-        return cls(template=template, num_shape=model.num_shape,
+        return cls(template=template, template_points=crop_lib.template_points(model),
+                   num_shape=model.num_shape,
                    num_expression=model.num_expression, num_texture=model.num_texture,
                    face=face, no_hair=mask("left_ear", "right_ear", "left_eyeball",
                                            "right_eyeball", "eye_region", "nose", "lips"))
@@ -555,14 +557,17 @@ def compose_example(rendered: Dict[str, np.ndarray], config: SyntheticConfig, *,
                                 face_box=face_box)
 
 
-def render_batch(model: flame_jax.FlameModel, config: SyntheticConfig,
-                 scenes: Scenes) -> Tuple[Dict[str, np.ndarray], CropGeometry]:
+def render_batch(model: flame_jax.FlameModel, config: SyntheticConfig, scenes: Scenes,
+                 template: Optional[np.ndarray] = None
+                 ) -> Tuple[Dict[str, np.ndarray], CropGeometry]:
     """The device stages for the images of `scenes`: (numpy dict of `RenderedScenes` fields
-    with a leading (N,) axis, their `CropGeometry`). Raises if the rasterizer overflowed."""
+    with a leading (N,) axis, their `CropGeometry`). Raises if the rasterizer overflowed.
+    template: the model's `HostModel.template_points` when the caller holds them (fallback
+    crops need them; computed here otherwise)."""
     device_scenes = jax.tree.map(jnp.asarray, scenes)
     landmarks_3d = np.asarray(scene_landmarks(model, device_scenes), np.float64)
-    template = (crop_lib.template_points(model) if np.any(np.asarray(scenes.fallback_crop) > 0)
-                else None)
+    if template is None and np.any(np.asarray(scenes.fallback_crop) > 0):
+        template = crop_lib.template_points(model)
     geometry = crop_geometry(landmarks_3d, scenes, config, template)
     out = render_scenes(model, device_scenes, jnp.asarray(geometry.roll),
                         jnp.asarray(geometry.camera), settings=config.raster_settings)
@@ -586,7 +591,7 @@ def make_subjects(model: flame_jax.FlameModel, config: SyntheticConfig,
     per_subject = [sample_scenes(host, config, subject, image_indices, seed)
                    for subject in subject_indices]
     scenes = jax.tree.map(lambda *rows: np.concatenate(rows), *per_subject)
-    rendered, _ = render_batch(model, config, scenes)
+    rendered, _ = render_batch(model, config, scenes, host.template_points)
     k = len(image_indices)
     subjects = []
     for s, subject in enumerate(subject_indices):
