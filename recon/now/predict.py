@@ -278,6 +278,13 @@ def _detect_into_cache(root, entries, boxes, points, todo, folder, spec, detecto
             bar.update(1)
 
 
+def _padded(images: np.ndarray, batch_size: int) -> np.ndarray:
+    """`images` (n <= batch_size, ...) with zero images appended up to `batch_size`, so the
+    predictor sees one shape and compiles once."""
+    padding = np.zeros((batch_size - len(images),) + images.shape[1:], images.dtype)
+    return np.concatenate([images, padding])
+
+
 def refine_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
                    sources: Sequence[CropSource], predictor, *, batch_size: int = 16,
                    max_box_deviation: float = MAX_BOX_DEVIATION) -> list[CropSource]:
@@ -298,10 +305,7 @@ def refine_sources(root: os.PathLike, entries: Sequence[now_io.ImageEntry],
         chunk = todo[start:start + batch_size]
         crops = [load_crop(root, entries[index], predictor.crop, sources[index])
                  for index in chunk]
-        images = np.stack([crop.image for crop in crops])
-        if len(images) < batch_size:  # one compiled shape
-            padding = np.zeros((batch_size - len(images),) + images.shape[1:], images.dtype)
-            images = np.concatenate([images, padding])
+        images = _padded(np.stack([crop.image for crop in crops]), batch_size)
         predicted = np.asarray(predictor.landmarks_2d(predictor(images)), np.float64)
         for index, crop, points in zip(chunk, crops, predicted):
             points = crop.to_image(points)
@@ -353,11 +357,9 @@ def predict_split(root: os.PathLike, entries: Sequence[now_io.ImageEntry], predi
     with tqdm(total=len(entries), desc="NoW predict", unit="image", disable=not progress) as bar:
         for start in range(0, len(entries), batch_size):
             chunk = entries[start:start + batch_size]
-            crops = np.stack([load_crop(root, entry, predictor.crop, source).image
-                              for entry, source in zip(chunk, sources[start:start + batch_size])])
-            if len(crops) < batch_size:
-                padding = np.zeros((batch_size - len(crops),) + crops.shape[1:], crops.dtype)
-                crops = np.concatenate([crops, padding])
+            crops = _padded(np.stack([
+                load_crop(root, entry, predictor.crop, source).image
+                for entry, source in zip(chunk, sources[start:start + batch_size])]), batch_size)
             vertices, landmarks = predictor.mesh(predictor(crops), neutral=True)
             vertices, landmarks = np.asarray(vertices), np.asarray(landmarks)
             for entry, mesh, points in zip(chunk, vertices, landmarks):
