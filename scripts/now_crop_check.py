@@ -10,7 +10,7 @@ prediction folders are scored in one `eval.py --predictions` run (`OUT/scores/`)
   checked:   `crop_sources` as eval.py uses it (strays moved onto NoW's box, "crop_corrections");
   template:  as checked, but a stray detection is replaced by the template placed on the box;
   refined:   as checked, then the untrusted crops cut again from the model's own landmarks
-             (`refine_sources`, what eval.py does);
+             (`refine_sources`, `predict_split(refine=True)`; eval.py does not do it);
   refined_all: the same without the box check of the model's landmarks.
 It also prints the split's box relation and how many images were corrected and refined.
 Landmark crops need the `photo` extra (mediapipe) unless the landmarks are cached.
