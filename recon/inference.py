@@ -27,8 +27,8 @@ import flame_jax
 from recon.image import crop as crop_lib
 from recon.image import preprocess
 from recon.model import build
-from recon.render import camera as camera_lib
 from recon.options import to_dataclass
+from recon.photo import fitting
 from recon.types import NOW_LANDMARKS_68, Code, split_code
 
 Array = jax.Array
@@ -52,16 +52,6 @@ def code_to_mesh(flame: flame_jax.FlameModel, code: Code, *, neutral: bool = Tru
 
 
 _code_to_mesh_jit = jax.jit(code_to_mesh, static_argnames="neutral")
-
-
-def code_to_landmarks_2d(flame: flame_jax.FlameModel, code: Code, size: int) -> Array:
-    """(B, 68, 2) the posed head's FLAME landmarks in pixels of the size x size crop the code
-    was predicted from (the projection the landmark loss trains)."""
-    landmarks = flame_jax.forward(flame, code.flame_params()).landmarks
-    return camera_lib.project_to_pixels(landmarks, code.camera, (size, size))[..., :2]
-
-
-_code_to_landmarks_2d_jit = jax.jit(code_to_landmarks_2d, static_argnames="size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +91,9 @@ class Predictor:
         return _code_to_mesh_jit(self.flame, code, neutral=neutral)
 
     def landmarks_2d(self, code: Code) -> Array:
-        """(B, 68, 2) the predicted 68 landmarks in crop pixels (`code_to_landmarks_2d`)."""
-        return _code_to_landmarks_2d_jit(self.flame, code, self.crop.size)
+        """(B, 68, 2) the predicted 68 landmarks in pixels of this model's crop (the photo
+        path's projection, `recon.photo.fitting.landmarks_2d`)."""
+        return fitting.landmarks_2d(code, self.flame, image_size=self.crop.size)
 
     def crop_image(self, image: np.ndarray, *, box=None, landmarks=None) -> crop_lib.Crop:
         """The crop this model predicts from (`recon.image.crop_image` with `self.crop`)."""
